@@ -1,0 +1,542 @@
+"""Official Wan2.2 checkpoint layouts: config.json, sharded safetensors + index, VAE .pth, per-task trees.
+
+No tensor axes are manipulated here: state dicts move whole, keyed by the official module-tree names
+(wan22-spec.md section 6), so no key remapping is needed. Shapes in messages are the tensors' own.
+
+Loading follows STYLE.md 12: build on the meta device, validate keys and shapes against the files *before*
+touching the module, then `load_state_dict(strict=True, assign=True)`; on any failure a ValueError names
+the expected layout and what differs, and no model is returned. Weights are read with safetensors
+(memory-mapped through `safe_open`) or `torch.load(weights_only=True)`, never with plain pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from wanmoe.models.dit import DiT, DiTConfig
+from wanmoe.models.s2v import S2VConfig
+from wanmoe.models.vae import VAE21, VAEConfig, WanVAE, load_wan21_vae
+
+__all__ = [
+    "CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME", "EXPERT_FOLDERS", "SINGLE_EXPERT", "WeightFiles",
+    "read_dit_config", "write_dit_config", "dit_config_to_json", "find_weight_files", "load_state_dict_files",
+    "load_dit", "save_dit", "load_vae", "load_into_meta_model", "find_experts", "check_layout",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+SHARD_NAME = "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors"
+
+# WanModel.ignore_for_config (spec 4, 16.12): never read from config.json; the constructor defaults always apply.
+FIXED_FIELDS: dict[str, object] = {
+    "patch_size": (1, 2, 2), "cross_attn_norm": True, "qk_norm": True, "text_dim": 4096, "window_size": (-1, -1),
+}
+MODEL_TYPES = ("t2v", "i2v", "ti2v", "s2v")
+CLASS_NAMES = {"t2v": "WanModel", "i2v": "WanModel", "ti2v": "WanModel", "s2v": "WanModel_S2V"}
+# Sizes every official config.json carries; refusing a file without them beats silently building the
+# constructor default (dim 2048, 32 layers) the official loader would fall back to.
+REQUIRED_KEYS = ("model_type", "in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers")
+OPTIONAL_DEFAULTS: dict[str, object] = {"freq_dim": 256, "eps": 1e-6, "text_len": 512}  # WanModel.__init__ defaults
+# WanModel_S2V.__init__ defaults (model_s2v.py): a key absent from config.json takes these, as in the official loader.
+S2V_DEFAULTS: dict[str, object] = {
+    "cond_dim": 0, "audio_dim": 5120, "num_audio_token": 4, "enable_adain": False, "adain_mode": "attn_norm",
+    "audio_inject_layers": [0, 4, 8, 12, 16, 20, 24, 27], "zero_init": False, "zero_timestep": False,
+    "enable_motioner": True, "add_last_motion": True, "enable_tsm": False, "trainable_token_pos_emb": False,
+    "motion_token_num": 1024, "enable_framepack": False, "framepack_drop_mode": "drop",
+}
+# The one S2V variant implemented (the released S2V-14B, spec 3): switches S2VConfig does not model must hold
+# these values, because any other value changes the module tree or the forward pass.
+S2V_SUPPORTED: dict[str, object] = {
+    "enable_motioner": False, "enable_framepack": True, "enable_adain": True, "adain_mode": "attn_norm",
+    "zero_timestep": True, "add_last_motion": True, "enable_tsm": False, "trainable_token_pos_emb": False,
+    "framepack_drop_mode": "padd",
+}
+# Training-init or motioner-only switches: no effect on a loaded S2V-14B model, accepted with any value.
+S2V_INERT = ("zero_init", "motion_token_num")
+# Keys the official constructors swallow without effect (diffusers bookkeeping and **kwargs).
+PASSIVE_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "motion_frames", "trainable_token")
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+
+
+def _as_value(v: object) -> object:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def read_dit_config(folder: str | os.PathLike) -> DiTConfig:
+    """Parse an official config.json into a DiTConfig; the ignore_for_config fields are fixed, never read."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"no {CONFIG_NAME} in {folder}: an official DiT folder holds {CONFIG_NAME} and the weights")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{path}: unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+    class_name = raw.get("_class_name", CLASS_NAMES[model_type])
+    if class_name != CLASS_NAMES[model_type]:
+        hint = " (the diffusers '-Diffusers' layout is not supported)" if "Transformer" in str(class_name) else ""
+        raise ValueError(f"{path}: _class_name {class_name!r} does not match model_type {model_type!r} "
+                         f"(expected {CLASS_NAMES[model_type]!r}){hint}")
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing required keys {missing}")
+    window = raw.get("window_size", FIXED_FIELDS["window_size"])
+    if _as_value(window) != FIXED_FIELDS["window_size"]:
+        # The official loader would ignore it and run full attention; refuse rather than silently differ from
+        # what the file asks for.
+        raise ValueError(f"{path}: window_size {window} (local attention) is not supported; only (-1, -1)")
+    for k in ("patch_size", "cross_attn_norm", "qk_norm", "text_dim"):
+        if k in raw and _as_value(raw[k]) != FIXED_FIELDS[k]:
+            logger.warning("%s: ignoring %s=%r as the official loader does; using %r", path, k, raw[k], FIXED_FIELDS[k])
+
+    s2v_keys = set(S2V_DEFAULTS) if model_type == "s2v" else set()
+    known = set(REQUIRED_KEYS) | set(OPTIONAL_DEFAULTS) | set(FIXED_FIELDS) | set(PASSIVE_KEYS) | s2v_keys
+    unknown = sorted(k for k in raw if k not in known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown} for model_type {model_type!r}; known: {sorted(known)}")
+
+    dit_fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    kwargs: dict[str, object] = {k: _as_value(raw[k]) for k in REQUIRED_KEYS}
+    kwargs.update({k: _as_value(raw.get(k, d)) for k, d in OPTIONAL_DEFAULTS.items()})
+    kwargs.update({k: v for k, v in FIXED_FIELDS.items() if k in dit_fields})
+    if model_type == "s2v":
+        kwargs["s2v"] = _read_s2v(path, {**S2V_DEFAULTS, **{k: raw[k] for k in s2v_keys if k in raw}})
+    cfg = DiTConfig(**kwargs)  # type: ignore[arg-type]
+    try:
+        cfg.validate()  # sizes the model cannot be built with fail here, naming the file
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return cfg
+
+
+def _read_s2v(path: Path, values: dict[str, object]) -> S2VConfig:
+    if values["enable_motioner"]:
+        raise ValueError(f"{path}: enable_motioner=true (the MotionerTransformers path) is not supported; "
+                         "only the frame-pack motion path of S2V-14B (enable_framepack=true)")
+    fields = {f.name for f in dataclasses.fields(S2VConfig)}
+    kwargs: dict[str, object] = {}
+    for k, v in values.items():
+        if k in fields:
+            kwargs[k] = _as_value(v)
+        elif k in S2V_SUPPORTED and v != S2V_SUPPORTED[k]:
+            raise ValueError(f"{path}: {k}={v!r} is not supported; only {S2V_SUPPORTED[k]!r} (the S2V-14B value)")
+        elif k not in S2V_SUPPORTED and k not in S2V_INERT:
+            raise ValueError(f"{path}: S2VConfig has no field for {k}={v!r}")  # internal table out of sync
+    return S2VConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def dit_config_to_json(cfg: DiTConfig) -> dict[str, object]:
+    """The config.json dict the official loader reads for cfg (fixed fields are left out, as it does)."""
+    out: dict[str, object] = {"_class_name": CLASS_NAMES[cfg.model_type]}
+    for k in (*REQUIRED_KEYS, *OPTIONAL_DEFAULTS):
+        out[k] = getattr(cfg, k)
+    if cfg.model_type == "s2v":
+        if cfg.s2v is None:
+            raise ValueError("model_type 's2v' needs cfg.s2v")
+        fields = {f.name for f in dataclasses.fields(S2VConfig)}
+        for k in S2V_DEFAULTS:
+            if k in fields:
+                v = getattr(cfg.s2v, k)
+                out[k] = list(v) if isinstance(v, tuple) else v
+            elif k in S2V_SUPPORTED:
+                out[k] = S2V_SUPPORTED[k]
+        out["zero_init"] = True  # the released value; it only affects initialisation of a fresh model
+    return out
+
+
+def write_dit_config(cfg: DiTConfig, folder: str | os.PathLike) -> Path:
+    """Write cfg as an official config.json into folder (created if needed); returns the file path."""
+    path = Path(folder) / CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, json.dumps(dit_config_to_json(cfg), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The safetensors files of one DiT folder and which file holds each key (validated)."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    weight_map: dict[str, Path]
+    index: Path | None  # None for the single-file layout
+
+
+def _layout_text(folder: Path) -> str:
+    return (f"expected in {folder}: {CONFIG_NAME} and either a single {WEIGHTS_NAME}, or shards "
+            f"{SHARD_NAME.format(i=1, n=4)} ... plus {INDEX_NAME} (weight_map + metadata.total_size)")
+
+
+def _shard_keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file ({e})") from e
+
+
+def _first(items: Iterable[str], n: int = 10) -> str:
+    items = sorted(items)
+    more = f", ... (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def find_weight_files(folder: str | os.PathLike) -> WeightFiles:
+    """Locate and cross-check the weight files of an official DiT folder (no tensor data is read)."""
+    folder = Path(folder)
+    single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME
+    if single.is_file() and index.is_file():
+        raise ValueError(f"{folder} holds both {WEIGHTS_NAME} and {INDEX_NAME}; keep one layout")
+    if single.is_file():
+        return WeightFiles(folder, (single,), {k: single for k in _shard_keys(single)}, None)
+    if not index.is_file():
+        present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise ValueError(f"no weights found: {_layout_text(folder)}; found {present or 'nothing'}")
+    try:
+        raw = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index} is not valid JSON: {e}") from e
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no 'weight_map' object; {_layout_text(folder)}")
+    names = sorted(set(weight_map.values()))
+    absent = [n for n in names if not (folder / n).is_file()]
+    if absent:
+        raise ValueError(f"{index} names {len(absent)} missing shard file(s): {', '.join(absent)}; "
+                         f"{_layout_text(folder)}")
+    problems = []
+    for name in names:
+        in_file = set(_shard_keys(folder / name))
+        in_index = {k for k, v in weight_map.items() if v == name}
+        if in_file != in_index:
+            problems.append(f"{name}: keys in the file but not the index [{_first(in_file - in_index, 5)}], "
+                            f"in the index but not the file [{_first(in_index - in_file, 5)}]")
+    if problems:
+        raise ValueError(f"shards disagree with {index}:\n  " + "\n  ".join(problems))
+    return WeightFiles(folder, tuple(folder / n for n in names), {k: folder / v for k, v in weight_map.items()},
+                       index)
+
+
+def load_state_dict_files(
+    folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    keep_dtype: Callable[[str], bool] | None = None,
+) -> dict[str, Tensor]:
+    """Read every tensor of an official DiT folder (single file or shards + index) through safe_open.
+
+    dtype casts floating tensors as they are read, so peak memory stays one copy in the target dtype;
+    keys for which keep_dtype(key) is true keep their stored dtype.
+    """
+    wf = find_weight_files(folder)
+    out: dict[str, Tensor] = {}
+    for path in wf.files:
+        try:
+            with safe_open(str(path), framework="pt", device=str(torch.device(device))) as f:
+                for k in f.keys():
+                    t = f.get_tensor(k)
+                    if dtype is not None and t.is_floating_point() and not (keep_dtype and keep_dtype(k)):
+                        t = t.to(dtype)
+                    out[k] = t
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file ({e})") from e
+    if wf.index is not None:
+        _check_total_size(wf.index, out)
+    return out
+
+
+def _check_total_size(index: Path, sd: Mapping[str, Tensor]) -> None:
+    total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+    actual = sum(t.numel() * t.element_size() for t in sd.values())
+    if total is not None and int(total) != actual:
+        # Keys and shapes were already checked; a stale size field alone is not worth refusing 50 GB for.
+        logger.warning("%s: metadata.total_size %s differs from the bytes read (%d)", index, total, actual)
+
+
+# ---------------------------------------------------------------------------------------------- meta loading
+
+
+def _mismatch_report(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = expected.keys() - shapes.keys()
+    unexpected = shapes.keys() - expected.keys()
+    wrong = [f"{k}: file {shapes[k]} vs model {expected[k]}"
+             for k in sorted(expected.keys() & shapes.keys()) if shapes[k] != expected[k]]
+    lines = []
+    if missing:
+        lines.append(f"missing keys ({len(missing)}): {_first(missing)}")
+    if unexpected:
+        lines.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected)}")
+    if wrong:
+        lines.append(f"wrong shapes ({len(wrong)}): " + "; ".join(wrong[:10]) + (" ..." if len(wrong) > 10 else ""))
+    return lines
+
+
+def _check_matches(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    problems = _mismatch_report(model, shapes)
+    if problems:
+        raise ValueError(f"weights in {source} do not match the model:\n  " + "\n  ".join(problems))
+
+
+def load_into_meta_model(model: nn.Module, sd: Mapping[str, Tensor], *, source: str) -> nn.Module:
+    """Strict, assigning load of sd into a model built on the meta device; validated before any change."""
+    _check_matches(model, {k: tuple(v.shape) for k, v in sd.items()}, source)
+    model.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        # Non-persistent buffers are not in any file; the module must rebuild them itself.
+        raise ValueError(f"{type(model).__name__} still has meta tensors after loading {source}: {_first(left)}")
+    return model
+
+
+def _header_shapes(wf: WeightFiles) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers alone: a mismatch is reported before any data is read."""
+    out: dict[str, tuple[int, ...]] = {}
+    for path in wf.files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file ({e})") from e
+    return out
+
+
+def load_dit(
+    folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+    attn_fn: Callable[..., Tensor] | None = None, cfg: DiTConfig | None = None,
+) -> DiT:
+    """Build the DiT described by folder/config.json on meta and load its official weights strictly.
+
+    `cfg` overrides config.json for wanmoe's small models, whose sizes (text_dim, audio layers, motion frames)
+    the official config.json cannot express; the weights are still checked key by key and shape by shape."""
+    folder = Path(folder)
+    cfg = read_dit_config(folder) if cfg is None else cfg
+    with torch.device("meta"):
+        model = DiT(cfg) if attn_fn is None else DiT(cfg, attn_fn=attn_fn)
+    source = f"{folder} ({_layout_text(folder)})"
+    _check_matches(model, _header_shapes(find_weight_files(folder)), source)
+    sd = load_state_dict_files(folder, device=device, dtype=dtype, keep_dtype=_fp32_predicate(model))
+    return load_into_meta_model(model, sd, source=source).eval()
+
+
+def _fp32_predicate(model: nn.Module) -> Callable[[str], bool] | None:
+    """Keys under the model's `_keep_in_fp32_modules` (diffusers' storage convention) keep their stored dtype.
+
+    DiT.FP32_MODULES is a compute policy (explicit .float() casts), not a storage one: the official loaders
+    cast every parameter to bf16 (S2V torch_dtype=bf16, --convert_model_dtype), so by default so do we.
+    """
+    names = tuple(getattr(model, "_keep_in_fp32_modules", ()) or ())
+    if not names:
+        return None
+    return lambda key: any(key == n or key.startswith(n + ".") or f".{n}." in f".{key}" for n in names)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                       ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def save_dit(
+    model: DiT, folder: str | os.PathLike, *, max_shard_size: int | str | None = "10GB", overwrite: bool = False,
+) -> list[Path]:
+    """Write config.json + weights in the official layout: shards + index, or one file if max_shard_size is None.
+
+    Tensors are packed in state-dict order; a shard is closed when the next tensor would push it past
+    max_shard_size (a single larger tensor gets a shard of its own). Returns the files written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = sorted(folder.glob("diffusion_pytorch_model*.safetensors*")) + sorted(folder.glob(CONFIG_NAME))
+    if existing and not overwrite:
+        raise ValueError(f"{folder} already holds a checkpoint ({', '.join(p.name for p in existing)}); "
+                         "pass overwrite=True to replace it")
+    for p in existing:
+        p.unlink()
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    groups: list[dict[str, Tensor]] = [{}]
+    if max_shard_size is not None:
+        limit, used = _parse_size(max_shard_size), 0
+        for k, t in sd.items():
+            size = t.numel() * t.element_size()
+            if groups[-1] and used + size > limit:
+                groups.append({})
+                used = 0
+            groups[-1][k] = t
+            used += size
+    else:
+        groups[0] = sd
+    written = [write_dit_config(model.cfg, folder)]
+    meta = {"format": "pt"}  # what torch-side safetensors writers put in every official shard
+    if max_shard_size is None:
+        written.append(_save_atomic(groups[0], folder / WEIGHTS_NAME, meta))
+        return written
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups, start=1):
+        name = SHARD_NAME.format(i=i, n=len(groups))
+        written.append(_save_atomic(group, folder / name, meta))
+        weight_map.update({k: name for k in group})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    _atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    written.append(folder / INDEX_NAME)
+    return written
+
+
+def _save_atomic(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- task layouts
+
+# Noise-expert folders, high noise first (spec 4, 8); a further expert is one more row, in trajectory order.
+EXPERT_FOLDERS: tuple[tuple[str, str], ...] = (("high", "high_noise_model"), ("low", "low_noise_model"))
+SINGLE_EXPERT = "only"  # name of the one DiT of a single-folder checkpoint (S2V-14B, TI2V-5B)
+
+
+def find_experts(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
+    """Expert name -> DiT folder, ordered high noise first; {SINGLE_EXPERT: root} for a single-DiT checkpoint."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise ValueError(f"checkpoint directory not found: {root}")
+    present = {name: root / sub for name, sub in EXPERT_FOLDERS if (root / sub).is_dir()}
+    has_root = (root / CONFIG_NAME).is_file()
+    layouts = (f"either expert folders {', '.join(sub + '/' for _, sub in EXPERT_FOLDERS)} each holding "
+               f"{CONFIG_NAME} + weights (A14B), or {CONFIG_NAME} + weights at the root (S2V-14B, TI2V-5B)")
+    if present and has_root:
+        raise ValueError(f"{root} holds both expert folders and a root {CONFIG_NAME}; expected {layouts}")
+    if has_root:
+        return {SINGLE_EXPERT: root}
+    if not present:
+        raise ValueError(f"no DiT found in {root}; expected {layouts}")
+    absent = [sub for name, sub in EXPERT_FOLDERS if name not in present]
+    if absent:
+        raise ValueError(f"{root} has only some expert folders; missing {', '.join(absent)}; expected {layouts}")
+    no_cfg = [str(p / CONFIG_NAME) for p in present.values() if not (p / CONFIG_NAME).is_file()]
+    if no_cfg:
+        raise ValueError(f"expert folder(s) without {CONFIG_NAME}: {', '.join(no_cfg)}")
+    return present
+
+
+@dataclass(frozen=True)
+class Need:
+    """One entry of a task's expected tree: a file, a folder holding one of `any_of`, or DiT weights."""
+
+    role: str
+    path: str  # relative to the checkpoint root; "" = the root itself (single-DiT checkpoints)
+    kind: str  # "file" | "dir" | "dit"
+    what: str
+    any_of: tuple[str, ...] = ()
+
+
+_T5 = Need("t5", "models_t5_umt5-xxl-enc-bf16.pth", "file", "umT5-XXL encoder weights")
+_TOK = Need("tokenizer", "google/umt5-xxl", "dir", "umT5 tokenizer files", ("tokenizer.json", "spiece.model"))
+_VAE21 = Need("vae", "Wan2.1_VAE.pth", "file", "Wan2.1 VAE weights")
+_EXPERTS = tuple(Need(name, sub, "dit", f"{name}-noise expert DiT") for name, sub in EXPERT_FOLDERS)
+# Expected tree per task (spec 3 and 4): the single table check_layout reads.
+TASK_LAYOUTS: dict[str, tuple[Need, ...]] = {
+    "t2v-a14b": (*_EXPERTS, _T5, _TOK, _VAE21),
+    "i2v-a14b": (*_EXPERTS, _T5, _TOK, _VAE21),
+    "ti2v-5b": (Need(SINGLE_EXPERT, "", "dit", "DiT"), _T5, _TOK,
+                Need("vae", "Wan2.2_VAE.pth", "file", "Wan2.2 VAE weights")),
+    "s2v-14b": (Need(SINGLE_EXPERT, "", "dit", "DiT"), _T5, _TOK, _VAE21,
+                Need("wav2vec", "wav2vec2-large-xlsr-53-english", "dir", "wav2vec2 model + processor",
+                     ("config.json",))),
+}
+
+
+def _need_tree(needs: tuple[Need, ...]) -> list[str]:
+    lines = []
+    for n in needs:
+        if n.kind == "dit":
+            prefix = f"{n.path}/" if n.path else ""
+            lines.append(f"{prefix}{CONFIG_NAME} + ({WEIGHTS_NAME} | shards + {INDEX_NAME})   # {n.what}")
+        elif n.kind == "dir":
+            lines.append(f"{n.path}/ (with {' or '.join(n.any_of)})   # {n.what}")
+        else:
+            lines.append(f"{n.path}   # {n.what}")
+    return lines
+
+
+def _need_problems(root: Path, n: Need) -> list[str]:
+    p = root / n.path
+    if n.kind == "file":
+        return [] if p.is_file() else [f"{n.path} (file)"]
+    if n.kind == "dir":
+        if not p.is_dir():
+            return [f"{n.path}/ (folder)"]
+        return [] if any((p / a).exists() for a in n.any_of) else [f"{n.path}/ has none of {list(n.any_of)}"]
+    prefix = f"{n.path}/" if n.path else ""
+    if not (p / CONFIG_NAME).is_file():
+        return [f"{prefix}{CONFIG_NAME}"]
+    try:
+        find_weight_files(p)
+    except ValueError as e:
+        return [f"{prefix or './'} weights: {e}"]
+    return []
+
+
+def check_layout(ckpt_dir: str | os.PathLike, task: str) -> dict[str, Path]:
+    """Verify the files a task needs exist under ckpt_dir; returns role -> path (experts by name, high first)."""
+    key = task.lower()
+    if key not in TASK_LAYOUTS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_LAYOUTS)}")
+    root = Path(ckpt_dir)
+    needs = TASK_LAYOUTS[key]
+    missing = [m for n in needs for m in _need_problems(root, n)] if root.is_dir() else [f"{root} (folder)"]
+    if missing:
+        tree = "\n    ".join(_need_tree(needs))
+        raise ValueError(f"checkpoint folder {root} is incomplete for task {key!r}.\n  expected:\n    {tree}\n"
+                         f"  missing or invalid:\n    " + "\n    ".join(missing))
+    return {n.role: root / n.path for n in needs}
+
+
+
+def load_vae(
+    path: str | os.PathLike, cfg: VAEConfig = VAE21, *, device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> WanVAE:
+    """Wan2.1_VAE.pth (torch.load weights_only, mmap) or .safetensors -> frozen WanVAE; strict, built on meta.
+
+    Delegates to the VAE module's own loader, so there is one implementation of the checks: a .pth holding
+    pickled code is refused with a ValueError, and key/shape problems are listed before anything loads.
+    """
+    return load_wan21_vae(path, cfg, device, dtype=dtype)

@@ -1,0 +1,176 @@
+"""Build the pipeline's components for a task from a checkpoint folder (official layout) or the embedded assets.
+
+Layouts (see docs/api.md):
+- official: `high_noise_model/` + `low_noise_model/` (or one root DiT), `Wan2.1_VAE.pth`,
+  `models_t5_umt5-xxl-enc-bf16.pth` + `google/umt5-xxl/`, and for S2V `wav2vec2-large-xlsr-53-english/`;
+- small models (the embedded one, and the tiny test models): the same DiT folders, plus
+  `vae.safetensors` (config with the latent statistics in its metadata) and `byte_text_encoder.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from wanmoe import checkpoint as ck
+from wanmoe.configs import PipelineConfig
+from wanmoe.models.vae import VAEConfig, WanVAE
+
+log = logging.getLogger(__name__)
+
+VAE_SAFETENSORS = "vae.safetensors"
+BYTE_TEXT = "byte_text_encoder.safetensors"
+
+
+def ckpt_root(cfg: PipelineConfig, ckpt_dir: str | None) -> Path:
+    if ckpt_dir:
+        root = Path(ckpt_dir)
+        if not root.is_dir():
+            raise ValueError(f"--ckpt_dir {root} is not a folder")
+        return root
+    if cfg.embedded:
+        from wanmoe.pipeline import ASSETS
+
+        root = ASSETS / cfg.task
+        if not (root / VAE_SAFETENSORS).is_file():
+            raise ValueError(f"the embedded model's weights are missing from {root}; reinstall wanmoe or retrain "
+                             "with `wanmoe train`")
+        return root
+    raise ValueError(f"task {cfg.task} needs --ckpt_dir (a folder with the official Wan2.2 {cfg.task} weights)")
+
+
+def expert_folders(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
+    """Task expert name -> DiT folder; a single-DiT checkpoint serves a one-expert task."""
+    found = ck.find_experts(root)
+    if list(found) == [ck.SINGLE_EXPERT]:
+        if len(cfg.experts) != 1:
+            raise ValueError(f"{root} holds a single DiT but {cfg.task} needs experts {cfg.experts} "
+                             f"(folders high_noise_model/ and low_noise_model/)")
+        return {cfg.experts[0]: found[ck.SINGLE_EXPERT]}
+    if tuple(found) != tuple(cfg.experts):
+        raise ValueError(f"{root} holds experts {tuple(found)} but {cfg.task} needs {cfg.experts}")
+    return found
+
+
+def load_small_vae(path: Path, device: torch.device) -> WanVAE:
+    """A VAE saved by wanmoe (safetensors with its VAEConfig, latent statistics included, in the metadata)."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path} carries no VAE config in its metadata")
+    d = json.loads(meta["config"])
+    cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    with torch.device("meta"):
+        vae = WanVAE(cfg)
+    return ck.load_into_meta_model(vae, load_file(str(path), device=str(device)), source=str(path)).eval()
+
+
+def load_vae_for(cfg: PipelineConfig, root: Path, device: torch.device) -> WanVAE:
+    if (root / VAE_SAFETENSORS).is_file():
+        return load_small_vae(root / VAE_SAFETENSORS, device)
+    path = root / "Wan2.1_VAE.pth"
+    if not path.is_file():
+        raise ValueError(f"no VAE in {root}: expected Wan2.1_VAE.pth (official) or {VAE_SAFETENSORS}")
+    return ck.load_vae(path, cfg.vae, device=device).eval()
+
+
+def load_text_encoder(cfg: PipelineConfig, root: Path, device: torch.device, t5_cpu: bool):
+    if cfg.text_encoder == "byte":
+        from wanmoe.encoders.text import ByteTextEncoder
+
+        path = root / BYTE_TEXT
+        if not path.is_file():
+            raise ValueError(f"missing {path} (the byte-level text encoder of {cfg.task})")
+        with torch.device("meta"):
+            enc = ByteTextEncoder(cfg.byte_text)
+        return ck.load_into_meta_model(enc, load_file(str(path), device=str(device)), source=str(path)).eval()
+    from wanmoe.encoders.text import T5TextEncoder
+
+    return T5TextEncoder.from_checkpoint(root, device="cpu" if t5_cpu else device)
+
+
+def load_audio_encoder(cfg: PipelineConfig, root: Path):
+    if cfg.audio_encoder is None:
+        return None
+    if cfg.audio_encoder == "mel":
+        from wanmoe.encoders.audio import MelAudioEncoder
+
+        return MelAudioEncoder(cfg.mel)
+    from wanmoe.encoders.audio import Wav2Vec2AudioEncoder
+
+    folder = root / "wav2vec2-large-xlsr-53-english"
+    if not folder.is_dir():
+        raise ValueError(f"missing {folder}/ (the wav2vec2 audio encoder of {cfg.task})")
+    return Wav2Vec2AudioEncoder(folder)
+
+
+def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None, int8: bool, cfg=None):  # noqa: ANN001
+    """Zero-argument loader for the residency manager: meta build + memory-mapped safetensors, optional int8."""
+
+    def load() -> torch.nn.Module:
+        model = ck.load_dit(folder, dtype=dtype, device="cpu", cfg=cfg).eval()
+        if int8:
+            from wanmoe.memory.quantize import quantize_
+
+            quantize_(model, "int8")
+        return model.to(device)
+
+    return load
+
+
+def load_components(cfg: PipelineConfig, req):  # noqa: ANN001, ANN201 (pipeline.Request -> pipeline.Components)
+    from wanmoe.memory.offload import ExpertPool, policy_from_flags
+    from wanmoe.pipeline import Components
+
+    device = torch.device(req.device)
+    root = ckpt_root(cfg, req.ckpt_dir)
+    if not cfg.embedded and cfg.text_encoder != "byte":
+        ck.check_layout(root, cfg.task.lower())
+    folders = expert_folders(cfg, root)
+    small = cfg.text_encoder == "byte"  # wanmoe's own small models: the preset defines the sizes
+    for name, folder in folders.items():  # fail before any weights load: config.json must match the task
+        got = ck.read_dit_config(folder)
+        if not small and dataclasses.replace(got, text_len=cfg.dit.text_len) != cfg.dit:
+            raise ValueError(f"{folder}/config.json describes a different model than task {cfg.task} "
+                             f"(expert {name}): {got} vs {cfg.dit}")
+    dtype = torch.bfloat16 if req.convert_model_dtype else None
+    compute = torch.bfloat16 if (req.convert_model_dtype and device.type == "cuda") else torch.float32
+    loaders = {n: expert_loader(f, device, dtype or (torch.float32 if device.type == "cpu" else None), req.int8,
+                                cfg.dit if small else None) for n, f in folders.items()}
+    pool = ExpertPool(loaders, device, policy_from_flags(req.offload_model))
+    return Components(
+        cfg=cfg, text_encoder=load_text_encoder(cfg, root, device, req.t5_cpu),
+        vae=load_vae_for(cfg, root, device), experts=pool, audio_encoder=load_audio_encoder(cfg, root),
+        device=device, dtype=compute,
+    )
+
+
+def save_small_model(root: Path, cfg: PipelineConfig, experts: dict[str, torch.nn.Module], vae: WanVAE,
+                     text_encoder: torch.nn.Module | None, *, dit_dtype: torch.dtype | None = None) -> None:
+    """Write a wanmoe small model in the layout `load_components` reads (official DiT folders + small files)."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    single = len(cfg.experts) == 1
+    for name, model in experts.items():
+        folder = root if single else root / dict(ck.EXPERT_FOLDERS)[name]
+        if dit_dtype is not None:
+            model = _cast_copy(model, dit_dtype)
+        ck.save_dit(model, folder, max_shard_size=None, overwrite=True)
+    vae_meta = {"config": json.dumps(dataclasses.asdict(vae.cfg))}
+    save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(root / VAE_SAFETENSORS),
+              metadata=vae_meta)
+    if text_encoder is not None:
+        save_file({k: v.detach().contiguous() for k, v in text_encoder.state_dict().items()}, str(root / BYTE_TEXT))
+
+
+def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(dtype)

@@ -1,0 +1,288 @@
+"""Residency manager: which expert lives on the compute device, applied from outside the networks (STYLE.md 7).
+
+The networks never move themselves. An `ExpertPool` holds one loader per expert (a zero-argument callable
+that returns the module, typically built on meta and filled from memory-mapped safetensors) and decides,
+each time an expert is asked for, what happens to the idle ones:
+
+- 'resident': every expert that was loaded stays on the compute device (fastest, most memory);
+- 'offload' : the idle expert moves to host memory, the active one to the device (official
+  `--offload_model True`: `_prepare_model_for_timestep` moves the unneeded expert to the CPU first, then
+  the needed one to the GPU, so at most one expert is on the GPU at a time);
+- 'free'    : the idle expert is dropped and reloaded lazily from disk on its next use (lowest host and
+  device memory; on a CPU-only machine this is the policy that keeps the process at one expert).
+
+`prefetch(name)` runs the loader in a background thread (disk -> host memory, pinned on CUDA) while the
+current expert computes; on CUDA, `prefetch(name, to_device=True)` also starts the host->device copy on a
+side stream (only sensible when the device has room for both experts).
+
+The module is expert-agnostic: it works on any `nn.Module` and never imports the models. No tensor axes
+are manipulated here (no axis legend needed).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["POLICIES", "ExpertPool", "OffloadFlags", "policy_from_flags", "with_dtype", "apply_precision", "cast_"]
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("resident", "offload", "free")
+Loader = Callable[[], nn.Module]
+
+
+@dataclass(frozen=True)
+class OffloadFlags:
+    """The official memory flags (generate.py of Wan2.2, spec section 14), in one place.
+
+    offload_model: keep idle models off the compute device (experts swap at the boundary, the text
+        encoder and the experts leave the device after use). Official default: True on one process.
+    t5_cpu: the text encoder runs on the CPU and only its output moves to the device.
+    convert_model_dtype: cast the DiT weights to the param dtype (bf16) instead of keeping the stored fp32.
+    """
+
+    offload_model: bool = True
+    t5_cpu: bool = False
+    convert_model_dtype: bool = False
+
+    @property
+    def expert_policy(self) -> str:
+        return policy_from_flags(self.offload_model)
+
+    @property
+    def text_encoder_device(self) -> str:
+        return "cpu" if self.t5_cpu else "compute"
+
+
+def policy_from_flags(offload_model: bool | None, *, world_size: int = 1, free: bool = False) -> str:
+    """Map `--offload_model` to an ExpertPool policy; None means the official default (True on one process)."""
+    if offload_model is None:
+        offload_model = world_size == 1
+    if not offload_model:
+        return "resident"
+    return "free" if free else "offload"
+
+
+def cast_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating parameters and buffers to dtype in place, except the model's declared fp32 modules.
+
+    This is `--convert_model_dtype` (official: `model.to(param_dtype)`), made to respect the numerics policy a
+    model declares in `_keep_in_fp32_modules` / `FP32_MODULES` (STYLE.md 13). Integer tensors (int8 weights)
+    are untouched.
+    """
+    from wanmoe.memory.quantize import _under, fp32_module_names
+
+    keep = fp32_module_names(model)
+    for name, mod in model.named_modules():
+        if _under(name, keep):
+            continue
+        if hasattr(mod, "compute_dtype"):
+            mod.compute_dtype = dtype  # Int8Linear: dequantize into the new dtype
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p.is_floating_point() and p.dtype != dtype:
+                setattr(mod, pname, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
+        for bname, b in list(mod.named_buffers(recurse=False)):
+            # A module may pin a buffer's dtype (Int8Linear keeps its scales fp32) by listing it here.
+            if b is not None and b.is_floating_point() and bname not in getattr(mod, "_keep_fp32_buffers", ()):
+                mod._buffers[bname] = b.to(dtype)
+    return model
+
+
+def with_dtype(loader: Loader, dtype: torch.dtype | None) -> Loader:
+    """A loader that casts what `loader` returns to dtype (None: keep the stored dtype)."""
+    if dtype is None:
+        return loader
+
+    def load() -> nn.Module:
+        return cast_(loader(), dtype)
+
+    return load
+
+
+def apply_precision(loaders: Mapping[str, Loader], dtypes: Mapping[str, torch.dtype | None]) -> dict[str, Loader]:
+    """Per-expert precision by name, e.g. {"high": torch.bfloat16, "low": torch.float32}."""
+    unknown = sorted(set(dtypes) - set(loaders))
+    if unknown:
+        raise ValueError(f"precision given for unknown experts {unknown}; experts: {sorted(loaders)}")
+    return {name: with_dtype(loader, dtypes.get(name)) for name, loader in loaders.items()}
+
+
+def _module_device(m: nn.Module) -> torch.device | None:
+    for t in m.parameters():
+        return t.device
+    for t in m.buffers():
+        return t.device
+    return None
+
+
+def _pin(m: nn.Module) -> nn.Module:
+    """Page-lock host tensors so host->device copies can run asynchronously (CUDA only)."""
+    for mod in m.modules():
+        for p in mod._parameters.values():
+            if p is not None and p.device.type == "cpu" and not p.is_pinned():
+                p.data = p.data.pin_memory()
+        for k, b in mod._buffers.items():
+            if b is not None and b.device.type == "cpu" and not b.is_pinned():
+                mod._buffers[k] = b.pin_memory()
+    return m
+
+
+class ExpertPool:
+    """Lazily loaded experts with a residency policy; see the module docstring.
+
+    get(name) returns the expert on the compute device after applying the policy to the others;
+    prefetch(name) starts loading it in the background; release() drops everything.
+    """
+
+    def __init__(self, loaders: Mapping[str, Loader], device: str | torch.device = "cpu",
+                 policy: str = "offload", *, pin_memory: bool | None = None) -> None:
+        if not loaders:
+            raise ValueError("ExpertPool needs at least one loader")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown residency policy {policy!r}; choose one of {POLICIES}")
+        self.loaders = dict(loaders)
+        self.device = torch.device(device)
+        self.policy = policy
+        # Pinned host copies only pay off when there is an accelerator to copy to.
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self._modules: dict[str, nn.Module] = {}
+        self._pending: dict[str, Future[nn.Module]] = {}
+        self._events: dict[str, torch.cuda.Event] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
+        self._lock = threading.Lock()
+        self.loads = {name: 0 for name in self.loaders}  # how often each loader ran (for tests and logs)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.loaders)
+
+    def on_device(self) -> list[str]:
+        """Names of the experts currently materialised on the compute device."""
+        return [n for n, m in self._modules.items() if _module_device(m) == self._dev()]
+
+    def loaded(self) -> list[str]:
+        """Names of the experts currently held in memory (device or host)."""
+        return list(self._modules)
+
+    def get(self, name: str) -> nn.Module:
+        """The expert `name` on the compute device; idle experts are treated per the policy *first*,
+        so the device never holds two experts under 'offload' or 'free'."""
+        self._check(name)
+        self._evict_others(name)
+        m = self._take(name)
+        if name in self._events:
+            # The side-stream copy of a to_device prefetch must finish before compute reads the weights.
+            torch.cuda.current_stream(self.device).wait_event(self._events.pop(name))
+        if _module_device(m) != self._dev():
+            m.to(self.device, non_blocking=self.pin_memory)
+        self._modules[name] = m
+        return m
+
+    def prefetch(self, name: str, *, to_device: bool = False) -> None:
+        """Start loading `name` from disk to host memory in a background thread (no-op if already held).
+
+        With to_device on CUDA the host->device copy is also issued on a side stream; use it only when the
+        device has room for the current and the next expert at once.
+        """
+        self._check(name)
+        with self._lock:
+            if name in self._modules or name in self._pending:
+                return
+            self._pending[name] = self._pool.submit(self._load_host, name, to_device)
+
+    def release(self, name: str | None = None) -> None:
+        """Drop one expert (or all of them) from memory; a later get() reloads it from its loader."""
+        names = [name] if name is not None else [*self._modules, *self._pending]
+        for n in names:
+            fut = self._pending.pop(n, None)
+            if fut is not None:
+                fut.result()  # finish the background load before dropping it: never leave a thread writing
+            self._events.pop(n, None)
+            self._modules.pop(n, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def offload_all(self) -> None:
+        """Move every held expert to host memory (official: both experts go to the CPU after the loop)."""
+        if self.policy == "free":
+            self.release()
+            return
+        for m in self._modules.values():
+            m.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        self.release()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ExpertPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _dev(self) -> torch.device:
+        # torch.device("cuda") and a parameter's device("cuda", 0) must compare equal.
+        if self.device.type == "cuda" and self.device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return self.device
+
+    def _check(self, name: str) -> None:
+        if name not in self.loaders:
+            raise ValueError(f"unknown expert {name!r}; experts: {sorted(self.loaders)}")
+
+    def _load_host(self, name: str, to_device: bool) -> nn.Module:
+        m = self.loaders[name]()
+        self.loads[name] += 1
+        m.eval().requires_grad_(False)
+        if self.pin_memory and _module_device(m) == torch.device("cpu"):
+            _pin(m)
+        if to_device and self.device.type == "cuda":
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                m.to(self.device, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            self._events[name] = ev
+        return m
+
+    def _take(self, name: str) -> nn.Module:
+        with self._lock:
+            fut = self._pending.pop(name, None)
+        if fut is not None:
+            return fut.result()
+        if name in self._modules:
+            return self._modules[name]
+        logger.debug("loading expert %s", name)
+        return self._load_host(name, False)
+
+    def _evict_others(self, keep: str) -> None:
+        if self.policy == "resident":
+            return
+        dropped = False
+        for n in [n for n in self._modules if n != keep]:
+            if self.policy == "offload":
+                self._modules[n].to("cpu")
+            else:  # free: the loader can rebuild it from disk
+                del self._modules[n]
+                dropped = True
+        if dropped:
+            # Reference cycles inside modules (hooks, closures) would otherwise keep the weights alive
+            # until the next automatic collection, i.e. while the next expert loads.
+            gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

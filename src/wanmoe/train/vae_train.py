@@ -1,0 +1,108 @@
+"""Train the small Wan-2.1-architecture VAE of the embedded model on cached avatar clips (CPU friendly).
+
+Axis legend: B batch, T pixel frames, Hp/Wp pixel height/width, z latent channels, F latent frames.
+
+The VAE is fully convolutional, so it trains on small random crops of few frames (T = 1 + 4k) and runs on
+full frames afterwards. Loss: L1 + MSE reconstruction + a tiny KL to keep the posterior well behaved. After
+training, the per-channel latent mean/std are measured on full clips and written into the config, as the
+official VAE carries its 16 constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from wanmoe.models.vae import VAEConfig, WanVAE
+from wanmoe.train.clips import ClipSet
+
+log = logging.getLogger(__name__)
+
+
+def random_crops(clips: ClipSet, g: torch.Generator, batch: int, frames: int, crop: int) -> torch.Tensor:
+    """(B, 3, frames, crop, crop) in [-1, 1]: random clip, start frame and position; frame 0 is sometimes the ref."""
+    n, _, t, h, w = clips.video.shape
+    out = []
+    for _ in range(batch):
+        i = int(torch.randint(n, (1,), generator=g))
+        s = int(torch.randint(t - frames + 1, (1,), generator=g))
+        y = int(torch.randint(h - crop + 1, (1,), generator=g))
+        x = int(torch.randint(w - crop + 1, (1,), generator=g))
+        v = clips.video_float(i)[:, s : s + frames, y : y + crop, x : x + crop]  # (3, T, c, c)
+        if torch.rand((), generator=g) < 0.3:  # the S2V layout encodes [ref | video]: train that transition too
+            v = torch.cat([clips.ref_float(i)[:, None, y : y + crop, x : x + crop], v[:, 1:]], dim=1)
+        out.append(v)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def measure_latent_stats(vae: WanVAE, clips: ClipSet, n: int = 16) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the raw posterior mean over `n` full clips."""
+    mus = [vae.encode_moments(clips.video_float(i)[None], chunked=False)[0] for i in range(min(n, len(clips)))]
+    mu = torch.cat([m.transpose(0, 1).flatten(1) for m in mus], dim=1)  # (z, N)
+    return mu.mean(1).tolist(), mu.std(1).clamp_min(1e-3).tolist()
+
+
+def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: int = 2, frames: int = 9,
+              crop: int = 64, lr: float = 4e-4, kl_weight: float = 1e-6, seed: int = 0, ckpt_every: int = 200,
+              progress: bool = True) -> VAEConfig:
+    """Flat loop: sample crops -> encode -> reparameterise -> decode -> loss -> step; resumable from out/vae_ckpt.pt."""
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "vae_ckpt.pt"
+    torch.manual_seed(seed)
+    vae = WanVAE(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    step = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = int(ck["step"])
+        log.info("resumed VAE training at step %d", step)
+    g = torch.Generator().manual_seed(seed + step)
+    logf = (out / "vae_loss.jsonl").open("a")
+    bar = tqdm(total=steps, initial=step, desc="train vae", disable=not progress)
+    t0 = time.perf_counter()
+    while step < steps:
+        x = random_crops(clips, g, batch, frames, crop)
+        mu, logvar = vae.encode_moments(x, chunked=False)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar.clamp(-30, 20))
+        # decode() expects a normalised latent; during training the stats are (0, 1), so z is used as is.
+        rec = vae.decode(z, clamp=False, chunked=False)
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        loss = rec_loss + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        for group in opt.param_groups:  # cosine decay over the run
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi)).item()))
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 20 == 0:
+            rec_psnr = -10 * torch.log10(F.mse_loss(rec.detach().clamp(-1, 1), x) / 4).item()
+            logf.write(json.dumps({"step": step, "loss": loss.item(), "psnr": rec_psnr,
+                                   "t": time.perf_counter() - t0}) + "\n")
+            logf.flush()
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{rec_psnr:.1f}")
+        if step % ckpt_every == 0 or step == steps:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                        "config": json.dumps(dataclasses.asdict(cfg))}, tmp)
+            tmp.replace(ckpt_path)
+    bar.close()
+    mean, std = measure_latent_stats(vae.eval(), clips)
+    final = dataclasses.replace(cfg, mean=tuple(round(m, 5) for m in mean), std=tuple(round(s, 5) for s in std))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"),
+              metadata={"config": json.dumps(dataclasses.asdict(final))})
+    return final

@@ -1,0 +1,144 @@
+"""Weight-only int8: accuracy against float Linear, structure, bytes, safetensors round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from wanmoe.memory.offload import cast_
+from wanmoe.memory.quantize import (
+    Int8Linear,
+    load_quantized,
+    quantize_,
+    quantize_weight,
+    quantized_names,
+    save_quantized,
+    weight_bytes,
+)
+
+
+class Block(nn.Module):
+    _keep_in_fp32_modules = ("norm_proj",)
+
+    def __init__(self, d: int = 64, h: int = 256) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, h)
+        self.out = nn.Linear(h, d, bias=False)
+        self.norm_proj = nn.Linear(d, d)  # declared fp32: must never be quantized
+        self.head = nn.Linear(d, 8)
+        self.scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.scale + self.norm_proj(x)
+        return self.head(x + self.out(torch.nn.functional.gelu(self.inp(x))))
+
+
+@torch.no_grad()
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    peak = b.abs().max()
+    return float(10 * torch.log10(peak**2 / (a - b).pow(2).mean()))
+
+
+def test_quantize_weight_per_channel_exact_on_grid():
+    torch.manual_seed(0)
+    # Rows that are integer multiples of their scale, with absmax 127, round-trip exactly.
+    scale = torch.tensor([0.5, 2.0, 1e-3])
+    grid = torch.randint(-127, 128, (3, 16)).float()
+    grid[:, 0] = 127
+    w = grid * scale[:, None]
+    qw, s = quantize_weight(w)
+    assert qw.dtype == torch.int8
+    torch.testing.assert_close(s, scale)
+    torch.testing.assert_close(qw.float() * s[:, None], w)
+    assert quantize_weight(torch.zeros(2, 4))[0].abs().sum() == 0  # zero rows: no NaN, q = 0
+
+
+def test_int8_linear_close_to_float():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96)
+    x = torch.randn(4, 10, 128)
+    q = Int8Linear.from_linear(lin)
+    with torch.no_grad():
+        ref, out = lin(x), q(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 5e-3, rel  # int8 absmax: ~0.3% of the weight's dynamic range per element
+    assert psnr(out, ref) > 40
+    # A deliberately wrong scale must be caught by the same check.
+    q.weight_scale.mul_(1.05)
+    with torch.no_grad():
+        assert (q(x) - ref).norm() / ref.norm() > 2e-2
+
+
+def test_quantize_structure_skip_and_fp32_modules():
+    model = Block()
+    quantize_(model, "int8", skip=["head"])
+    assert quantized_names(model) == ["inp", "out"]
+    assert isinstance(model.norm_proj, nn.Linear) and isinstance(model.head, nn.Linear)
+    with pytest.raises(ValueError, match="unknown quantization mode"):
+        quantize_(Block(), "int4")
+
+
+def test_scales_stay_fp32_under_casts():
+    model = quantize_(Block())
+    model.to(torch.bfloat16)
+    assert model.inp.qweight.dtype == torch.int8 and model.inp.weight_scale.dtype == torch.float32
+    assert model.inp.bias.dtype == torch.bfloat16
+    m2 = cast_(quantize_(Block()), torch.bfloat16)
+    assert m2.inp.weight_scale.dtype == torch.float32 and m2.inp.bias.dtype == torch.bfloat16
+    assert m2.norm_proj.weight.dtype == torch.float32  # declared fp32 module: cast_ leaves it alone
+    assert m2.scale.dtype == torch.bfloat16
+
+
+def test_int8_bytes_at_most_055_of_bf16():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256), nn.LayerNorm(256))
+    model.to(torch.bfloat16)
+    bf16 = weight_bytes(model)
+    quantize_(model)
+    ratio = weight_bytes(model) / bf16
+    assert ratio <= 0.55, ratio
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    ref_model = Block().eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        ref = ref_model(x)
+    qmodel = quantize_(ref_model)  # in place
+    path = save_quantized(qmodel, tmp_path / "q.safetensors")
+    loaded = load_quantized(Block, path)
+    assert quantized_names(loaded) == quantized_names(qmodel)
+    with torch.no_grad():
+        a, b = qmodel(x), loaded(x)
+    assert torch.equal(a, b)
+    assert psnr(b, ref) > 35
+    # A plain float file is refused, not silently loaded as floats.
+    from safetensors.torch import save_file
+
+    save_file(Block().state_dict(), str(tmp_path / "f.safetensors"))
+    with pytest.raises(ValueError, match="not a wanmoe quantized file"):
+        load_quantized(Block, tmp_path / "f.safetensors")
+
+
+def test_tiny_dit_int8_close_and_fp32_modules_untouched():
+    from wanmoe.models.dit import DIT_PRESETS, DiT
+
+    torch.manual_seed(0)
+    cfg = DIT_PRESETS["t2v-a14b-tiny"]
+    model = DiT(cfg).eval()
+    nn.init.normal_(model.head.head.weight, std=0.02)  # init zeroes the head; give the output some signal
+    x, t = torch.randn(1, 16, 2, 8, 8), torch.tensor([700.0])
+    ctx = torch.randn(1, 4, cfg.text_dim)
+    with torch.no_grad():
+        ref = model(x, t, ctx)
+        names = quantized_names(quantize_(model))
+        out = model(x, t, ctx)
+    assert names and not any(n.split(".")[0] in DiT.FP32_MODULES for n in names)
+    assert any(n.startswith("blocks.0.ffn") for n in names)
+    assert psnr(out, ref) > 35
+    with torch.no_grad():  # bf16 compute path (--convert_model_dtype) on top of int8 weights
+        out16 = cast_(model, torch.bfloat16)(x, t, ctx)
+    assert out16.dtype == torch.float32 and psnr(out16, ref) > 25
