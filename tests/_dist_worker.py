@@ -426,6 +426,28 @@ def check_pipeline(out: dict, checks: dict) -> None:
             out[f"pipe_{task}_{name}"] = P.generate(comp, req, inp, progress=False).video
 
 
+def check_pipeline_wired(out: dict, checks: dict) -> None:
+    """generate() with Components.parallel set, as the CLI wires it: CFG parallel inside pipeline.sample, and
+    rank 0 alone decoding t2v (rank 1 returns an empty clip). Rank 0's video is broadcast so that every rank
+    holds the same outputs; rank 1's own frame counts go to checks."""
+    from wanmoe import pipeline as P
+    from wanmoe.distributed.env import broadcast_seed
+
+    for name in ("cfgpar", "ulysses_fsdp"):
+        st, _ = _modes(MODES[name], name)
+        for task in ("t2v-tiny", "s2v-tiny"):
+            comp, req, inp = pipeline_parts(task)
+            for model in comp.experts.values():
+                _parallelise(model, st)
+            comp.parallel = st
+            req.seed = broadcast_seed(PIPE_SEED + 100 * st.rank, st)
+            video = P.generate(comp, req, inp, progress=False).video
+            checks[f"wired_{task}_{name}_frames"] = int(video.shape[1])
+            box = [video]
+            dist.broadcast_object_list(box, src=0)
+            out[f"wired_{task}_{name}"] = box[0]
+
+
 CHECKS = [
     check_collectives,
     check_ulysses_attention,
@@ -436,6 +458,7 @@ CHECKS = [
     check_t2v,
     check_s2v,
     check_pipeline,
+    check_pipeline_wired,
 ]
 
 

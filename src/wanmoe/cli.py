@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -83,6 +84,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                       help="CFG scale: one value, or per expert as high=4.0,low=3.0 (overrides --sample_guide_scale)")
     ours.add_argument("--motion_scale", type=float, default=1.0,
                       help="s2v: audio guidance; 1 = plain conditioning, >1 strengthens audio-driven motion, 0 removes it")
+    ours.add_argument("--cfg_parallel", action="store_true",
+                      help="run the conditional and unconditional passes on two rank groups (world = 2 x ulysses_size)")
     ours.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     ours.add_argument("--int8", action="store_true", help="weight-only int8 experts")
     ours.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -117,33 +120,61 @@ def _fail(msg: str) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from wanmoe import pipeline
     from wanmoe.configs import PRESETS
+    from wanmoe.distributed.env import ParallelState, broadcast_seed, destroy_parallel, init_parallel
 
     cfg = PRESETS[args.task]
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun; 1 for a plain `python generate.py`
     try:
-        req = pipeline.request_from_args(args, cfg)  # validates everything before any weights load
+        req = pipeline.request_from_args(args, cfg, world=world)  # validates everything before any weights load
         inputs = pipeline.read_inputs(req, cfg)  # reads image/audio/pose; raises ValueError on bad media
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     save = Path(args.save_file or default_save_file(args.task, req.size_str, args.ulysses_size, req.prompt))
     if save.suffix.lower() != ".mp4":
         return _fail(f"--save_file must end in .mp4, got {save}")
+    if world == 1:
+        return _generate(args, cfg, req, inputs, save, ParallelState())
+    # NCCL on GPUs, gloo when the user runs on the CPU (or there is no GPU).
+    state = init_parallel("gloo" if req.device == "cpu" else None, ulysses_size=req.ulysses_size,
+                          cfg_parallel=req.cfg_parallel, dit_fsdp=req.dit_fsdp, t5_fsdp=req.t5_fsdp,
+                          num_heads=cfg.dit.num_heads)
     try:
-        components = pipeline.load_components(cfg, req)
+        if state.device.type == "cuda":
+            req.device = str(state.device)  # one GPU per rank
+        req.seed = broadcast_seed(req.seed, state)  # every rank draws rank 0's noise
+        return _generate(args, cfg, req, inputs, save, state)
+    finally:
+        destroy_parallel(state)
+
+
+def _generate(args: argparse.Namespace, cfg, req, inputs, save: Path, state) -> int:  # noqa: ANN001
+    """Load, generate and (rank 0 only) write the mp4 and its JSON sidecar."""
+    from wanmoe import pipeline
+
+    try:
+        components = pipeline.load_components(cfg, req, state)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     t0 = time.perf_counter()
-    result = pipeline.generate(components, req, inputs, progress=not args.quiet)
+    result = pipeline.generate(components, req, inputs, progress=not args.quiet and state.is_main)
     timings = dict(result.timings, total_s=time.perf_counter() - t0)
+    if not state.is_main:
+        return 0  # rank 0 alone writes the output
     from wanmoe.media import write_video
 
     save.parent.mkdir(parents=True, exist_ok=True)
-    write_video(save, result.video, fps=cfg.sample_fps,
-                audio=inputs.audio if cfg.modality == "s2v" else None, sr=inputs.sr)
+    audio = None
+    if cfg.modality == "s2v":
+        # The official mux starts the audio at 0 although the first clip dropped 3 frames; we start it where the
+        # kept frames start, so lips and sound line up (documented in docs/api.md).
+        audio = inputs.audio[int(round(result.audio_offset_s * inputs.sr)) :]
+    write_video(save, result.video, fps=cfg.sample_fps, audio=audio, sr=inputs.sr)
     sidecar = {
         "file": str(save),
         "task": args.task,
         "settings": req.to_json(),
         "seed": req.seed,
+        "world_size": state.world,
         "frames": int(result.video.shape[1]),
         "fps": cfg.sample_fps,
         "timings": timings,
@@ -167,7 +198,8 @@ def _versions() -> dict[str, str]:
 
 
 def _setup_process(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+    quiet = getattr(args, "quiet", False) or int(os.environ.get("RANK", "0")) != 0  # under torchrun rank 0 logs
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 

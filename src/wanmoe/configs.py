@@ -110,9 +110,9 @@ def _presets() -> dict[str, PipelineConfig]:
 MINI = PipelineConfig(
     task="s2v-mini", modality="s2v",
     dit=DiTConfig(
-        "s2v", 16, 16, dim=128, ffn_dim=512, freq_dim=64, text_dim=64, text_len=96, num_heads=4, num_layers=6,
+        "s2v", 16, 16, dim=96, ffn_dim=256, freq_dim=64, text_dim=64, text_len=96, num_heads=3, num_layers=4,
         s2v=S2VConfig(cond_dim=16, audio_dim=32, num_audio_layers=1, num_audio_token=4,
-                      audio_inject_layers=(0, 1, 2, 3, 4, 5), motion_frames=25, zip_frame_buckets=(1, 2, 4)),
+                      audio_inject_layers=(0, 1, 2, 3), motion_frames=25, zip_frame_buckets=(1, 2, 4)),
     ),
     vae=VAEConfig(dim=16, num_res_blocks=1, mean=(0.0,) * 16, std=(1.0,) * 16),  # stats replaced by the trained ones
     experts=("high", "low"), boundary=0.900, text_encoder="byte",
@@ -120,7 +120,7 @@ MINI = PipelineConfig(
     audio_encoder="mel", mel=MelConfig(n_mels=32),
     sample_steps=20, sample_shift=5.0, guide_scale={"high": 1.0, "low": 1.0}, sample_fps=16, infer_frames=68,
     default_size="128*128", sizes=("128*128",), neg_prompt="", embedded=True,
-    example_prompt="a round orange face with brown eyes on a teal background, nodding gently while talking",
+    example_prompt="a square yellow face with blue eyes on a sky blue background, nodding gently while talking",
 )
 
 

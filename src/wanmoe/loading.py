@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from wanmoe import checkpoint as ck
 from wanmoe.configs import PipelineConfig
+from wanmoe.distributed.env import ParallelState
 from wanmoe.models.vae import VAEConfig, WanVAE
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,30 @@ def expert_folders(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
     if tuple(found) != tuple(cfg.experts):
         raise ValueError(f"{root} holds experts {tuple(found)} but {cfg.task} needs {cfg.experts}")
     return found
+
+
+def check_small_layout(cfg: PipelineConfig, root: Path) -> None:
+    """A wanmoe small model: every file `load_components` will read is there, checked before any weights load.
+
+    The experts load lazily (on first use), so a missing weight file would otherwise surface mid-generation.
+    """
+    dits = [""] if len(cfg.experts) == 1 else [dict(ck.EXPERT_FOLDERS)[n] for n in cfg.experts]
+    expected = [f"{d + '/' if d else ''}{ck.CONFIG_NAME} + {ck.WEIGHTS_NAME} (or shards + {ck.INDEX_NAME})"
+                for d in dits] + [f"{VAE_SAFETENSORS} (VAE)", f"{BYTE_TEXT} (text encoder)"]
+    problems = []
+    for d in dits:
+        folder = root / d
+        if not (folder / ck.CONFIG_NAME).is_file():
+            problems.append(str(folder / ck.CONFIG_NAME))
+            continue
+        try:
+            ck.find_weight_files(folder)
+        except ValueError as e:
+            problems.append(f"{folder}: {e}")
+    problems += [str(root / f) for f in (VAE_SAFETENSORS, BYTE_TEXT) if not (root / f).is_file()]
+    if problems:
+        raise ValueError(f"checkpoint folder {root} is incomplete for task {cfg.task}.\n  expected:\n    "
+                         + "\n    ".join(expected) + "\n  missing or invalid:\n    " + "\n    ".join(problems))
 
 
 def load_small_vae(path: Path, device: torch.device) -> WanVAE:
@@ -124,14 +149,32 @@ def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None,
     return load
 
 
-def load_components(cfg: PipelineConfig, req):  # noqa: ANN001, ANN201 (pipeline.Request -> pipeline.Components)
+def parallel_loader(load, state: ParallelState):  # noqa: ANN001, ANN201 (Loader -> Loader)
+    """Wrap an expert loader so each expert, once its full weights are loaded, gets Ulysses and/or FSDP."""
+    from wanmoe.distributed.fsdp import apply_fsdp
+    from wanmoe.distributed.ulysses import apply_ulysses
+
+    def wrapped() -> torch.nn.Module:
+        model = apply_ulysses(load(), state)
+        if state.dit_fsdp:
+            apply_fsdp(model, state)  # each expert is its own set of FSDP units
+        return model
+
+    return wrapped
+
+
+def load_components(cfg: PipelineConfig, req, parallel: ParallelState | None = None):  # noqa: ANN001, ANN201
+    """pipeline.Request -> pipeline.Components; `parallel` (from init_parallel) shards the models over ranks."""
     from wanmoe.memory.offload import ExpertPool, policy_from_flags
     from wanmoe.pipeline import Components
 
+    parallel = parallel or ParallelState()
     device = torch.device(req.device)
     root = ckpt_root(cfg, req.ckpt_dir)
     if not cfg.embedded and cfg.text_encoder != "byte":
         ck.check_layout(root, cfg.task.lower())
+    elif cfg.text_encoder == "byte":
+        check_small_layout(cfg, root)
     folders = expert_folders(cfg, root)
     small = cfg.text_encoder == "byte"  # wanmoe's own small models: the preset defines the sizes
     for name, folder in folders.items():  # fail before any weights load: config.json must match the task
@@ -143,11 +186,28 @@ def load_components(cfg: PipelineConfig, req):  # noqa: ANN001, ANN201 (pipeline
     compute = torch.bfloat16 if (req.convert_model_dtype and device.type == "cuda") else torch.float32
     loaders = {n: expert_loader(f, device, dtype or (torch.float32 if device.type == "cpu" else None), req.int8,
                                 cfg.dit if small else None) for n, f in folders.items()}
-    pool = ExpertPool(loaders, device, policy_from_flags(req.offload_model))
+    policy = policy_from_flags(req.offload_model)
+    if parallel.world > 1:
+        loaders = {n: parallel_loader(f, parallel) for n, f in loaders.items()}
+        if parallel.dit_fsdp and policy != "resident":
+            # Moving or dropping a sharded expert would break its FSDP state: FSDP experts stay resident.
+            log.info("--dit_fsdp: experts stay resident (--offload_model ignored)")
+            policy = "resident"
+    pool = ExpertPool(loaders, device, policy)
+    if parallel.dit_fsdp:
+        # Shard every expert now, on the main thread and in the same order on every rank (a prefetch thread
+        # would run the loaders at rank-dependent times).
+        for n in pool.names:
+            pool.get(n)
+    text = load_text_encoder(cfg, root, device, req.t5_cpu)
+    if parallel.t5_fsdp:
+        from wanmoe.distributed.fsdp import apply_fsdp
+
+        # The official wrapper shards the umT5 inside it; the byte-level encoder is itself the module.
+        apply_fsdp(getattr(text, "model", text), parallel)
     return Components(
-        cfg=cfg, text_encoder=load_text_encoder(cfg, root, device, req.t5_cpu),
-        vae=load_vae_for(cfg, root, device), experts=pool, audio_encoder=load_audio_encoder(cfg, root),
-        device=device, dtype=compute,
+        cfg=cfg, text_encoder=text, vae=load_vae_for(cfg, root, device), experts=pool,
+        audio_encoder=load_audio_encoder(cfg, root), device=device, dtype=compute, parallel=parallel,
     )
 
 

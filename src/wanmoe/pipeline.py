@@ -28,6 +28,7 @@ from torch import Tensor
 
 from wanmoe import experts as ex
 from wanmoe.configs import PipelineConfig
+from wanmoe.distributed.env import ParallelState, cfg_parallel_per_expert, validate_parallel_flags
 from wanmoe.models.s2v import S2VInputs
 from wanmoe.models.vae import WanVAE
 from wanmoe.sampling import guidance, solvers
@@ -69,6 +70,11 @@ class Request:
     t5_cpu: bool = False
     convert_model_dtype: bool = False
     int8: bool = False
+    # Multi-process flags (docs/distributed.md); the process group itself lives in Components.parallel.
+    ulysses_size: int = 1
+    cfg_parallel: bool = False
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
 
     @property
     def size_str(self) -> str:
@@ -99,6 +105,7 @@ class Components:
     audio_encoder: Callable | None  # (audio, sr, fps) -> (K, Dm, A)
     device: torch.device
     dtype: torch.dtype = torch.float32  # DiT compute dtype
+    parallel: ParallelState = field(default_factory=ParallelState)  # world 1 unless launched with torchrun
 
 
 @dataclass
@@ -106,6 +113,7 @@ class Result:
     video: Tensor  # (3, T, Hp, Wp) in [-1, 1]
     timings: dict[str, float] = field(default_factory=dict)
     expert_steps: dict[str, int] = field(default_factory=dict)
+    audio_offset_s: float = 0.0  # S2V: the first clip drops frames, so the video starts this far into the audio
 
 
 # ---------------------------------------------------------------------------------------------------- request
@@ -127,27 +135,40 @@ def expert_spec(cfg: PipelineConfig, boundary: float | None = None, threshold: f
     return ex.ExpertSpec(names=cfg.experts, boundary=b, blend=blend)
 
 
-def request_from_args(args, cfg: PipelineConfig) -> Request:  # noqa: ANN001 (argparse namespace)
-    """Validate the command line against the task before anything heavy happens; raise ValueError."""
+def request_from_args(args, cfg: PipelineConfig, *, world: int = 1) -> Request:  # noqa: ANN001 (argparse namespace)
+    """Validate the command line against the task before anything heavy happens; raise ValueError.
+
+    world: the number of processes (WORLD_SIZE under torchrun; the CLI reads it). One process rejects the
+    parallel flags, as the official generate.py does; several check them against the world size.
+    """
     from wanmoe.cli import parse_size
 
-    for flag in ("dit_fsdp", "t5_fsdp"):
-        if getattr(args, flag):
-            raise ValueError(f"--{flag} {NOT_YET}")
-    if args.ulysses_size != 1:
-        raise ValueError(f"--ulysses_size {args.ulysses_size} {NOT_YET}")
+    cfg_par = bool(getattr(args, "cfg_parallel", False))
+    if world == 1:
+        for flag in ("dit_fsdp", "t5_fsdp", "cfg_parallel"):
+            if getattr(args, flag, False):
+                raise ValueError(f"--{flag} {NOT_YET}")
+        if args.ulysses_size != 1:
+            raise ValueError(f"--ulysses_size {args.ulysses_size} {NOT_YET}")
+    else:
+        validate_parallel_flags(world, args.ulysses_size, args.dit_fsdp, args.t5_fsdp, cfg_par, cfg.dit.num_heads)
+        if args.t5_fsdp and args.t5_cpu:
+            raise ValueError("--t5_fsdp and --t5_cpu cannot be combined: the sharded encoder runs on each GPU")
     size = parse_size(args.size or cfg.default_size, cfg.size_multiple)
     if cfg.sizes and cfg.modality in ("t2v", "i2v") and f"{size[0]}*{size[1]}" not in cfg.sizes:
         raise ValueError(f"--size {args.size} is not supported by {cfg.task}; choose one of {', '.join(cfg.sizes)}")
-    frame_num = args.frame_num or cfg.frame_num
+    frame_num = cfg.frame_num if args.frame_num is None else args.frame_num  # 0 is an error, not 'default'
     if frame_num < 1 or (frame_num - 1) % 4:
         raise ValueError(f"--frame_num must be 4n+1 (5, 9, ..., 81), got {frame_num}")
-    infer_frames = args.infer_frames or cfg.infer_frames
+    infer_frames = cfg.infer_frames if args.infer_frames is None else args.infer_frames
     if infer_frames < 4 or infer_frames % 4:
         raise ValueError(f"--infer_frames must be a positive multiple of 4, got {infer_frames}")
-    steps = args.sample_steps or cfg.sample_steps
+    steps = cfg.sample_steps if args.sample_steps is None else args.sample_steps
     if steps < 1:
         raise ValueError(f"--sample_steps must be >= 1, got {steps}")
+    shift = cfg.sample_shift if args.sample_shift is None else args.sample_shift
+    if shift <= 0:
+        raise ValueError(f"--sample_shift must be > 0, got {shift}")
     if args.num_clip is not None and args.num_clip < 1:
         raise ValueError(f"--num_clip must be >= 1, got {args.num_clip}")
     if args.expert_blend < 0:
@@ -157,20 +178,36 @@ def request_from_args(args, cfg: PipelineConfig) -> Request:  # noqa: ANN001 (ar
     spec = expert_spec(cfg, args.boundary, args.expert_threshold, args.expert_blend)
     scale = args.guidance_scale if args.guidance_scale is not None else args.sample_guide_scale
     scales = guidance.per_expert_scale(cfg.guide_scale if scale is None else scale, spec.names)
-    if cfg.modality != "s2v" and (args.audio or args.pose_video):
-        raise ValueError(f"--audio/--pose_video only apply to s2v tasks, not {cfg.task}")
+    if cfg.modality != "s2v":
+        # Refuse rather than silently ignore: a t2v/i2v run has no audio, clips or motion frames to apply these to.
+        given = {"--audio": args.audio, "--pose_video": args.pose_video, "--num_clip": args.num_clip,
+                 "--infer_frames": args.infer_frames, "--start_from_ref": args.start_from_ref,
+                 "--motion_scale": args.motion_scale != 1.0}
+        bad = [flag for flag, v in given.items() if v not in (None, False)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} only apply to s2v tasks, not {cfg.task}")
+    if cfg.modality == "t2v" and args.image:
+        raise ValueError(f"--image does not apply to {cfg.task} (text-to-video); use an i2v task")
+    if cfg.modality == "s2v" and args.frame_num is not None:
+        raise ValueError(f"--frame_num does not apply to {cfg.task}: the audio sets the length "
+                         "(use --infer_frames and --num_clip)")
     if cfg.modality == "i2v" and not args.image:
         raise ValueError(f"{cfg.task} needs --image")
     seed = args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available (use --device cpu)")
     return Request(
         task=cfg.task, prompt=args.prompt or cfg.example_prompt, neg_prompt=cfg.neg_prompt, size=size,
-        frame_num=frame_num, seed=seed, steps=steps, shift=args.sample_shift or cfg.sample_shift,
+        frame_num=frame_num, seed=seed, steps=steps, shift=shift,
         solver=args.sample_solver, guide_scale=scales, experts=spec, noise_schedule=args.noise_schedule,
         motion_scale=args.motion_scale, num_clip=args.num_clip, infer_frames=infer_frames,
         start_from_ref=args.start_from_ref, image=args.image, audio=args.audio, pose_video=args.pose_video,
-        ckpt_dir=args.ckpt_dir, device=device, offload_model=True if args.offload_model is None else args.offload_model,
+        ckpt_dir=args.ckpt_dir, device=device,
+        # Official default: offload on one process only; FSDP experts must stay resident (loading.py enforces it).
+        offload_model=world == 1 if args.offload_model is None else args.offload_model,
         t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype, int8=args.int8,
+        ulysses_size=args.ulysses_size, cfg_parallel=cfg_par, dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp,
     )
 
 
@@ -211,10 +248,10 @@ def read_inputs(req: Request, cfg: PipelineConfig) -> Inputs:
 # ------------------------------------------------------------------------------------------------ components
 
 
-def load_components(cfg: PipelineConfig, req: Request) -> Components:
+def load_components(cfg: PipelineConfig, req: Request, parallel: ParallelState | None = None) -> Components:
     from wanmoe.loading import load_components as _load
 
-    return _load(cfg, req)
+    return _load(cfg, req, parallel)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -240,7 +277,11 @@ def sample(c: Components, req: Request, noise: Tensor, cond: dict, uncond: dict,
     if no_audio is not None and req.motion_scale != 1.0:
         # Audio guidance: v = v(audio=0) + m (v(audio) - v(audio=0)); m > 1 strengthens audio-driven motion.
         conds = guidance.cfg_per_expert(conds, {n: _denoiser(c, n, no_audio) for n in names}, req.motion_scale)
-    den = guidance.cfg_per_expert(conds, {n: _denoiser(c, n, uncond) for n in names}, req.guide_scale)
+    unconds = {n: _denoiser(c, n, uncond) for n in names}
+    if c.parallel.cfg_size == 2:  # --cfg_parallel: the two ranks of a CFG pair run one branch each
+        den = cfg_parallel_per_expert(conds, unconds, req.guide_scale, c.parallel)
+    else:
+        den = guidance.cfg_per_expert(conds, unconds, req.guide_scale)
     hook = None
     if hasattr(c.experts, "prefetch"):
         def hook(i: int, active: tuple[str, ...]) -> None:
@@ -311,10 +352,13 @@ def generate(c: Components, req: Request, inputs: Inputs, *, progress: bool = Tr
             video, counts = _generate_s2v(c, req, inputs, ctx, ctx_null, progress, timings)
         else:
             video, counts = _generate_single(c, req, inputs, ctx, ctx_null, progress, timings)
-    if hasattr(c.experts, "offload_all"):
+    if hasattr(c.experts, "offload_all") and not c.parallel.dit_fsdp:  # FSDP-sharded experts stay where they are
         c.experts.offload_all()
     timings["generate_s"] = time.perf_counter() - t0
-    return Result(video=video.float().cpu(), timings=timings, expert_steps=counts)
+    offset = 0.0
+    if c.cfg.modality == "s2v" and c.cfg.dit.s2v.drop_first_motion and not req.start_from_ref:
+        offset = 3 / c.cfg.sample_fps  # frames 0..2 of the first clip are dropped (official)
+    return Result(video=video.float().cpu(), timings=timings, expert_steps=counts, audio_offset_s=offset)
 
 
 def _bar(total: int, desc: str, enabled: bool):  # noqa: ANN202
@@ -365,7 +409,10 @@ def _generate_single(c: Components, req: Request, inputs: Inputs, ctx: Tensor, c
     bar.close()
     timings["sample_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    video = c.vae.decode(lat.float())[0]  # (3, T, Hp, Wp)
+    if c.parallel.is_main:
+        video = c.vae.decode(lat.float())[0]  # (3, T, Hp, Wp)
+    else:  # only rank 0 writes the video, so the other ranks skip the decode (an empty clip, T = 0)
+        video = lat.new_zeros(3, 0, lat_h * 8, lat_w * 8)
     timings["vae_decode_s"] = time.perf_counter() - t1
     return video, counts
 

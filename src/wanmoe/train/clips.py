@@ -30,6 +30,11 @@ class ClipSet:
     def __len__(self) -> int:
         return len(self.seeds)
 
+    def subset(self, n: int) -> ClipSet:
+        """The first n clips."""
+        return ClipSet(self.video[:n], self.ref[:n], self.audio[:n], self.seeds[:n], self.prompts[:n], self.sr,
+                       self.fps)
+
     def video_float(self, i: int | Tensor) -> Tensor:
         """(.., 3, T, H, W) in [-1, 1]."""
         return self.video[i].float() / 127.5 - 1.0

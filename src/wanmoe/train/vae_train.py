@@ -52,7 +52,7 @@ def measure_latent_stats(vae: WanVAE, clips: ClipSet, n: int = 16) -> tuple[list
 
 def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: int = 2, frames: int = 9,
               crop: int = 64, lr: float = 4e-4, kl_weight: float = 1e-6, seed: int = 0, ckpt_every: int = 200,
-              progress: bool = True) -> VAEConfig:
+              progress: bool = True, sample_posterior: bool = False, finalize: bool = True) -> VAEConfig:
     """Flat loop: sample crops -> encode -> reparameterise -> decode -> loss -> step; resumable from out/vae_ckpt.pt."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "vae_ckpt.pt"
@@ -73,7 +73,9 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
     while step < steps:
         x = random_crops(clips, g, batch, frames, crop)
         mu, logvar = vae.encode_moments(x, chunked=False)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar.clamp(-30, 20))
+        # The DiT only ever sees mu (the official encode drops log_var), so sampling the posterior is optional;
+        # the deterministic path converges much faster on CPU budgets.
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar.clamp(-30, 20)) if sample_posterior else mu
         # decode() expects a normalised latent; during training the stats are (0, 1), so z is used as is.
         rec = vae.decode(z, clamp=False, chunked=False)
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
@@ -99,6 +101,8 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
                         "config": json.dumps(dataclasses.asdict(cfg))}, tmp)
             tmp.replace(ckpt_path)
     bar.close()
+    if not finalize:
+        return cfg
     mean, std = measure_latent_stats(vae.eval(), clips)
     final = dataclasses.replace(cfg, mean=tuple(round(m, 5) for m in mean), std=tuple(round(s, 5) for s in std))
     from safetensors.torch import save_file

@@ -1,0 +1,181 @@
+"""`wanmoe eval`: held-out comparison of expert set-ups on the talking-avatar task, as a markdown table + PNG plots.
+
+    wanmoe eval --n 8 --out docs/results                       # two experts vs the single-expert baseline
+    wanmoe eval --setups two,one,two-threshold,two-blend,two-int8,two-10steps --n 4
+
+Each set-up runs in its own subprocess, so its peak memory is its own. For every held-out sample the
+reference image, audio and prompt go through the same `pipeline.generate` as `generate.py`; the output is
+compared with the ground-truth render of the same avatar and audio. With `--speech`, one extra sample is
+driven by real synthesized speech (espeak-ng), whose ground truth is rendered from that audio.
+
+Alignment: the first S2V clip drops 3 frames (official), so generated frame k shows ground-truth frame k + 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# name -> (model folder relative to the task's model root, extra generate flags)
+SETUPS: dict[str, tuple[str, list[str]]] = {
+    "two": ("", []),
+    "one": ("single_expert", []),
+    "two-threshold": ("", ["--expert_threshold", "-2.5"]),
+    "two-blend": ("", ["--expert_blend", "1.0"]),
+    "two-int8": ("", ["--int8"]),
+    "two-10steps": ("", ["--sample_steps", "10"]),
+    "one-10steps": ("single_expert", ["--sample_steps", "10"]),
+    "two-dpm++": ("", ["--sample_solver", "dpm++"]),
+}
+DROPPED = 3  # frames the first clip loses (wan/speech2video.py)
+
+
+def espeak_wav(text: str, path: Path) -> Path:
+    """Real speech from espeak-ng (Debian package); raises with a clear message when it is missing."""
+    exe = shutil.which("espeak-ng") or shutil.which("espeak")
+    if exe is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng); it provides the real-speech sample")
+    subprocess.run([exe, "-s", "140", "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+def held_out_cases(n: int, frames: int, speech: bool, work: Path) -> list[dict]:
+    """Write each case's reference PNG and audio WAV; keep the ground truth for scoring."""
+    from wanmoe import media
+    from wanmoe.data.avatar import make_sample, render_from_audio, sample_params, split_seeds
+
+    cases = []
+    for seed in split_seeds("heldout", n):
+        s = make_sample(seed, frames=frames)
+        cases.append({"name": f"heldout-{seed}", "sample": s})
+    if speech:
+        wav = espeak_wav("Hello there. This is a talking avatar, made by two noise experts.", work / "speech.wav")
+        audio = media.read_audio(wav, sr=16000)[: int(16000 * frames / 16)]
+        s = render_from_audio(sample_params(split_seeds("heldout")[-1]), audio, 16000, 16.0, 128)
+        cases.append({"name": "espeak-ng", "sample": s})
+    for c in cases:
+        s = c["sample"]
+        c["image"], c["audio"] = work / f"{c['name']}.png", work / f"{c['name']}.wav"
+        media.save_png(c["image"], s.ref)
+        _write_wav(c["audio"], s.audio, s.sr)
+    return cases
+
+
+def _write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype(np.int16).tobytes())
+
+
+def score(video: torch.Tensor, s) -> dict[str, float]:  # noqa: ANN001 (AvatarSample)
+    from wanmoe.eval import metrics as m
+
+    t = min(video.shape[1], s.video.shape[1] - DROPPED)
+    gen, gt = video[:, :t], s.video[:, DROPPED : DROPPED + t]
+    env = s.envelope[DROPPED : DROPPED + t]
+    sync = m.mouth_sync(gen, env, s.ref)
+    return {"psnr": m.psnr(gen, gt), "ssim": m.ssim(gen, gt), "flow_consistency": m.flow_consistency(gen),
+            "sync": sync["sync"], "sync_best": sync["sync_best"], "identity": m.identity_similarity(gen, s.ref),
+            "gt_sync": m.mouth_sync(gt, env, s.ref)["sync"]}
+
+
+def run_setup(task: str, model_dir: Path, flags: list[str], cases: list[dict], seed: int) -> dict:
+    """Generate every case with one set-up (in this process) and average the metrics."""
+    from wanmoe import pipeline
+    from wanmoe.cli import build_parser
+    from wanmoe.configs import PRESETS
+    from wanmoe.eval.metrics import peak_rss_mb
+
+    cfg = PRESETS[task]
+    if (model_dir / "high_noise_model").is_dir() is False:  # a single-DiT folder serves the one-expert variant
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, experts=("low",), boundary=None, guide_scale={"low": cfg.guide_scale["low"]})
+    rows, seconds, frames = [], 0.0, 0
+    for c in cases:
+        argv = ["generate", "--task", task, "--ckpt_dir", str(model_dir), "--image", str(c["image"]), "--audio",
+                str(c["audio"]), "--prompt", c["sample"].prompt, "--base_seed", str(seed), "--quiet", *flags]
+        args = build_parser().parse_args(argv)
+        req = pipeline.request_from_args(args, cfg)
+        comps = pipeline.load_components(cfg, req)
+        res = pipeline.generate(comps, req, pipeline.read_inputs(req, cfg), progress=False)
+        seconds += res.timings["generate_s"]
+        frames += res.video.shape[1]
+        rows.append({"case": c["name"], **score(res.video, c["sample"])})
+    heldout = [r for r in rows if r["case"] != "espeak-ng"]
+    out = {k: float(np.mean([r[k] for r in heldout])) for k in heldout[0] if k != "case"}
+    speech = [r for r in rows if r["case"] == "espeak-ng"]
+    if speech:
+        out["sync_speech"] = speech[0]["sync"]
+        out["sync_speech_best"] = speech[0]["sync_best"]
+    out["s_per_frame"] = seconds / max(frames, 1)
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["cases"] = rows
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="wanmoe eval", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="s2v-mini")
+    p.add_argument("--model", type=Path, default=None, help="model root (default: the embedded assets)")
+    p.add_argument("--setups", default="two,one", help=f"comma list of {', '.join(SETUPS)}")
+    p.add_argument("--n", type=int, default=4, help="held-out samples")
+    p.add_argument("--speech", action="store_true", help="add a real-speech sample (espeak-ng)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("eval_out"))
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.worker is not None:  # subprocess mode: one set-up, JSON in and out
+        job = json.loads(a.worker.read_text())
+        cases = held_out_cases(job["n"], job["frames"], job["speech"], Path(job["work"]))
+        res = run_setup(job["task"], Path(job["model"]), job["flags"], cases, job["seed"])
+        Path(job["result"]).write_text(json.dumps(res))
+        return 0
+    from wanmoe.configs import PRESETS
+    from wanmoe.eval.report import write_report
+    from wanmoe.pipeline import ASSETS
+
+    cfg = PRESETS[a.task]
+    root = a.model or ASSETS / a.task
+    names = [s.strip() for s in a.setups.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SETUPS]
+    if unknown:
+        raise SystemExit(f"unknown set-up(s) {unknown}; choose from {', '.join(SETUPS)}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows, details = {}, {}
+    with tempfile.TemporaryDirectory() as work:
+        for name in names:
+            sub, flags = SETUPS[name]
+            job = {"task": a.task, "model": str(root / sub), "flags": flags, "n": a.n, "speech": a.speech,
+                   "frames": cfg.infer_frames, "seed": a.seed, "work": work, "result": f"{work}/{name}.json"}
+            Path(f"{work}/{name}.job").write_text(json.dumps(job))
+            print(f"eval {name} ...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, "-m", "wanmoe.eval.cli", "--worker", f"{work}/{name}.job",
+                            "--threads", str(a.threads)], check=True)
+            res = json.loads(Path(job["result"]).read_text())
+            details[name] = res.pop("cases")
+            rows[name] = res
+    (a.out / "results.json").write_text(json.dumps({"rows": rows, "cases": details}, indent=2))
+    report = write_report(rows, a.out, title=f"wanmoe eval: {a.task}, {a.n} held-out samples",
+                          notes=f"command: wanmoe eval {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

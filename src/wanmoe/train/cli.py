@@ -1,0 +1,147 @@
+"""`wanmoe train`: the embedded model's training stages, each resumable, run in order.
+
+    wanmoe train clips   --out runs/mini --n 240          # render and cache avatar clips
+    wanmoe train vae     --out runs/mini --steps 1800     # the small Wan-2.1-architecture VAE
+    wanmoe train latents --out runs/mini                  # encode clips, audio and prompts once
+    wanmoe train expert  --out runs/mini --expert high    # one noise expert (or `low`, or `dense` baseline)
+    wanmoe train export  --out runs/mini --dest DIR       # write the model in the layout generate.py loads
+
+`--smoke` shrinks every stage to seconds (CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from wanmoe.configs import PRESETS, PipelineConfig
+from wanmoe.train.clips import ClipSet, build_clips, load_clips, save_clips
+
+log = logging.getLogger("wanmoe.train")
+TEXT_SEED = 1234  # the frozen byte-level text encoder is a fixed random projection of the prompt bytes
+
+
+def frozen_text_encoder(cfg: PipelineConfig):  # noqa: ANN201
+    from wanmoe.encoders.text import ByteTextEncoder
+
+    torch.manual_seed(TEXT_SEED)
+    return ByteTextEncoder(cfg.byte_text).eval().requires_grad_(False)
+
+
+def build_latents(cfg: PipelineConfig, clips: ClipSet, vae, text_encoder, *, progress: bool = True):  # noqa: ANN001, ANN201
+    """Encode every clip as [ref | first infer_frames frames], its audio features and its prompt, once."""
+    from tqdm import tqdm
+
+    from wanmoe.encoders.audio import MelAudioEncoder
+    from wanmoe.train.loop import LatentSet
+
+    mel = MelAudioEncoder(cfg.mel)
+    nf = cfg.infer_frames
+    lats, auds = [], []
+    with torch.no_grad():
+        # Batches of 2 through the one-pass encoder: oneDNN kernels at batch >= 2 are several times faster on CPU.
+        for i in tqdm(range(0, len(clips), 2), desc="encode clips", disable=not progress):
+            idx = list(range(i, min(i + 2, len(clips))))
+            pix = torch.stack([torch.cat([clips.ref_float(j)[:, None], clips.video_float(j)[:, :nf]], dim=1)
+                               for j in idx])  # (b, 3, 1 + nf, Hp, Wp)
+            lats.extend(vae.encode(pix, chunked=False))  # b x (C, 1 + nf/4, H, W)
+            for j in idx:
+                a = mel(clips.audio[j].numpy(), clips.sr, clips.fps)[..., :nf]  # (1, Dm, <=nf)
+                auds.append(torch.nn.functional.pad(a, (0, nf - a.shape[-1])))
+        ctx = torch.cat([text_encoder([p]) for p in clips.prompts])  # (N, S, text_dim)
+        null = text_encoder([""])[0]
+    return LatentSet(torch.stack(lats), torch.stack(auds), ctx, null)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="wanmoe train", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("stage", choices=["clips", "vae", "latents", "expert", "export"])
+    p.add_argument("--task", default="s2v-mini", choices=[k for k, v in PRESETS.items() if v.text_encoder == "byte"])
+    p.add_argument("--out", type=Path, default=Path("runs/mini"))
+    p.add_argument("--n", type=int, default=240, help="clips: how many training clips")
+    p.add_argument("--steps", type=int, default=None, help="vae/expert: total optimisation steps")
+    p.add_argument("--expert", default="high", help="expert: high | low | dense (single-expert baseline)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (train experts side by side, one each)")
+    p.add_argument("--max_minutes", type=float, default=None, help="expert: stop (and checkpoint) after this long")
+    p.add_argument("--phases", default="1800:5:48:4:6e-4,2400:49:24:2:4e-4",
+                   help="vae: end_step:frames:crop:batch:lr[:sample] per phase, each resuming the previous")
+    p.add_argument("--dest", type=Path, default=None, help="export: destination folder")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CI)")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(a.threads)
+    cfg = PRESETS[a.task]
+    if a.smoke:
+        cfg = dataclasses.replace(cfg, infer_frames=8)
+    a.out.mkdir(parents=True, exist_ok=True)
+    progress = not a.quiet
+    if a.stage == "clips":
+        from wanmoe.data.avatar import split_seeds
+
+        frames = cfg.infer_frames + 1
+        size = 64 if a.smoke else int(cfg.default_size.split("*")[0])
+        save_clips(build_clips(split_seeds("train", a.n), frames=frames, size=size, progress=progress),
+                   a.out / "clips.pt")
+    elif a.stage == "vae":
+        from wanmoe.train.vae_train import train_vae
+
+        vcfg = dataclasses.replace(cfg.vae, mean=(0.0,) * cfg.vae.z_dim, std=(1.0,) * cfg.vae.z_dim)
+        clips = load_clips(a.out / "clips.pt")
+        phases = [ph.split(":") for ph in a.phases.split(",")]
+        if a.smoke:
+            phases = [["3", "5", "16", "2", "1e-3"]]
+        final = vcfg
+        for k, ph in enumerate(phases):  # end_step:frames:crop:batch:lr[:sample]; each resumes the last
+            final = train_vae(clips, a.out / "vae", vcfg, steps=int(ph[0]), frames=int(ph[1]), crop=int(ph[2]),
+                              batch=int(ph[3]), lr=float(ph[4]), sample_posterior=ph[5:] == ["sample"],
+                              ckpt_every=50, progress=progress, finalize=k == len(phases) - 1)
+        (a.out / "vae" / "config.json").write_text(json.dumps(dataclasses.asdict(final)))
+    elif a.stage == "latents":
+        from wanmoe.loading import load_small_vae
+
+        vae = load_small_vae(a.out / "vae" / "vae.safetensors", torch.device("cpu"))
+        clips = load_clips(a.out / "clips.pt").subset(a.n)
+        lat = build_latents(cfg, clips, vae, frozen_text_encoder(cfg), progress=progress)
+        lat.save(a.out / "latents.pt")
+    elif a.stage == "expert":
+        from wanmoe.train.loop import LatentSet, train_expert
+
+        steps = a.steps or (3 if a.smoke else 4000)
+        train_expert(cfg, LatentSet.load(a.out / "latents.pt"), a.out / "experts", expert=a.expert, steps=steps,
+                     batch=a.batch, lr=a.lr or 5e-4, progress=progress,
+                     max_seconds=None if a.max_minutes is None else a.max_minutes * 60)
+    elif a.stage == "export":
+        export(cfg, a.out, a.dest or a.out / "export")
+    return 0
+
+
+def export(cfg: PipelineConfig, run: Path, dest: Path) -> None:
+    """Write the two experts (EMA weights), the single-expert baseline, the VAE and the text encoder."""
+    from wanmoe.loading import load_small_vae, save_small_model
+    from wanmoe.models.dit import DiT
+
+    def ema(name: str) -> DiT:
+        m = DiT(cfg.dit)
+        ck = torch.load(run / "experts" / f"{name}.pt", map_location="cpu", weights_only=True)
+        m.load_state_dict(ck["ema"])
+        return m.eval()
+
+    vae = load_small_vae(run / "vae" / "vae.safetensors", torch.device("cpu"))
+    text = frozen_text_encoder(cfg)
+    save_small_model(dest, cfg, {n: ema(n) for n in cfg.experts}, vae, text, dit_dtype=torch.bfloat16)
+    if (run / "experts" / "dense.pt").exists():
+        single = dataclasses.replace(cfg, experts=("low",))
+        save_small_model(dest / "single_expert", single, {"low": ema("dense")}, vae, text, dit_dtype=torch.bfloat16)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

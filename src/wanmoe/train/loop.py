@@ -1,0 +1,164 @@
+"""Train one noise expert (or the single-expert baseline) of the small S2V model: a flat loop (STYLE.md 19).
+
+Axis legend: B batch, C latent channels, F latent frames, H/W latent height/width, S text tokens,
+K audio layers, Dm audio feature width, A audio frames (video fps).
+
+Setup -> loop (sample sigma in the expert's noise range -> noise -> velocity loss -> backward -> clip -> step
+-> EMA -> log -> checkpoint). The expert's range comes from `wanmoe.experts.expert_sigma_range`, the same
+module that routes at inference. Training clips use the S2V first-clip layout: the VAE encodes
+[reference | frames], latent 0 is the reference latent and the rest are the targets, exactly what
+`pipeline._generate_s2v` decodes with `drop_motion_frames=True`.
+
+Expert-specific augmentation: the high-noise expert (layout and motion) sees colour-jittered latents of
+whole clips (a per-channel affine on the latent stream, shared by target and reference); the low-noise
+expert (detail) sees the clean latents only. The single-expert baseline sees clean latents over the
+whole range. All three cost the same per step (same network, same batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from wanmoe import experts as ex
+from wanmoe.configs import PipelineConfig
+from wanmoe.models.dit import DiT
+from wanmoe.models.s2v import S2VInputs
+from wanmoe.sampling.schedules import time_shift
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LatentSet:
+    """Pre-encoded training clips (the slow VAE/text/audio work done once)."""
+
+    latents: Tensor  # (N, C, 1 + F, H, W): [ref | targets]
+    audio: Tensor  # (N, K, Dm, A) with A = 4 F
+    context: Tensor  # (N, S, text_dim) frozen text-encoder output
+    context_null: Tensor  # (S, text_dim) the empty prompt
+
+    def save(self, path: Path) -> None:
+        tmp = Path(str(path) + ".tmp")
+        torch.save(dataclasses.asdict(self), tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> LatentSet:
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+
+def u_range(sigma_lo: float, sigma_hi: float, shift: float) -> tuple[float, float]:
+    """Inverse of the shift: the uniform-u interval whose shifted sigmas fall in [sigma_lo, sigma_hi]."""
+
+    def inv(s: float) -> float:  # sigma' = k s / (1 + (k - 1) s)  <=>  s = sigma' / (k - (k - 1) sigma')
+        return s / (shift - (shift - 1) * s)
+
+    return inv(sigma_lo), inv(sigma_hi)
+
+
+def sample_sigmas(n: int, lo: float, hi: float, shift: float, g: torch.Generator) -> Tensor:
+    """Sigmas distributed like the sampler's steps (uniform u, then the shift), restricted to [lo, hi]."""
+    u0, u1 = u_range(lo, hi, shift)
+    u = u0 + (u1 - u0) * torch.rand(n, generator=g, dtype=torch.float64)
+    return time_shift(u, shift).float()
+
+
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+def jitter_latents(z: Tensor, g: torch.Generator, strength: float = 0.15) -> Tensor:
+    """Per-sample, per-channel affine jitter of the latent stream (colour/contrast-like augmentation)."""
+    b, c = z.shape[:2]
+    scale = 1 + strength * (2 * torch.rand(b, c, 1, 1, 1, generator=g) - 1)
+    bias = strength * (2 * torch.rand(b, c, 1, 1, 1, generator=g) - 1)
+    return z * scale + bias
+
+
+def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str, steps: int, batch: int = 2,
+                 lr: float = 3e-4, shift: float | None = None, drop_text: float = 0.1, drop_audio: float = 0.1,
+                 ema_decay: float = 0.995, seed: int = 0, ckpt_every: int = 100, progress: bool = True,
+                 max_seconds: float | None = None) -> Path:
+    """Train `expert` ("high", "low" or "dense" = the whole range) and write out/<expert>.pt; resumable."""
+    spec = ex.ExpertSpec(names=cfg.experts, boundary=cfg.boundary) if len(cfg.experts) > 1 else ex.DENSE
+    lo, hi = (0.0, 1.0) if expert == "dense" else ex.expert_sigma_range(spec, expert)
+    shift = cfg.sample_shift if shift is None else shift
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / f"{expert}.pt"
+    torch.manual_seed(seed)
+    model = DiT(cfg.dit)
+    model.init_weights()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    step = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        step = int(ck["step"])
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    n, fm = len(data.latents), cfg.dit.s2v.lat_motion_frames
+    logf = (out / f"{expert}_loss.jsonl").open("a")
+    bar = tqdm(total=steps, initial=step, desc=f"train {expert} [{lo:.3f}, {hi:.3f}]", disable=not progress)
+    t0, ema_loss = time.perf_counter(), None
+    while step < steps:
+        idx = torch.randint(n, (batch,), generator=g)
+        z = data.latents[idx]  # (B, C, 1 + F, H, W)
+        if expert == "high":
+            z = jitter_latents(z, g)
+        ref, x0 = z[:, :, :1], z[:, :, 1:]
+        audio, ctx = data.audio[idx].clone(), data.context[idx].clone()
+        # Condition dropout so classifier-free (text) and audio guidance have an unconditional model to use.
+        no_text = torch.rand(batch, generator=g) < drop_text
+        ctx[no_text] = data.context_null
+        audio[torch.rand(batch, generator=g) < drop_audio] = 0
+        sigma = sample_sigmas(batch, lo, hi, shift, g)  # (B,)
+        noise = torch.randn(x0.shape, generator=g)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise  # flow matching: x_sigma = (1 - sigma) x0 + sigma eps
+        motion = x0.new_zeros(batch, x0.shape[1], fm, *x0.shape[3:])
+        inp = S2VInputs(audio=audio, ref_latents=ref, motion_latents=motion, drop_motion_frames=True)
+        pred = model(xt, sigma * 1000, ctx, s2v=inp)  # (B, C, F, H, W) velocity
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        warm = min(1.0, (step + 1) / 100)  # linear warm-up, then cosine to 10%
+        for group in opt.param_groups:
+            group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        opt.step()
+        update_ema(ema, model, ema_decay if step > 200 else 0.0)
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema_loss:.4f}")
+        if step % 20 == 0:
+            logf.write(json.dumps({"step": step, "loss": loss.item(), "loss_ema": ema_loss,
+                                   "t": time.perf_counter() - t0}) + "\n")
+            logf.flush()
+        stop = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+        if step % ckpt_every == 0 or step == steps or stop:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                        "config": json.dumps({"expert": expert, "range": [lo, hi], "task": cfg.task})}, tmp)
+            tmp.replace(ckpt_path)
+        if stop:
+            log.info("time budget reached at step %d", step)
+            break
+    bar.close()
+    return ckpt_path

@@ -1,0 +1,41 @@
+"""Evaluates the shipped embedded model on held-out samples (issue 5's acceptance checks)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from wanmoe.eval import cli as eval_cli
+from wanmoe.pipeline import ASSETS
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    assert shutil.which("espeak-ng") or shutil.which("espeak"), "espeak-ng is required (CI installs it)"
+    assert eval_cli.main(["--n", "3", "--setups", "two,one", "--speech", "--out", str(out)]) == 0
+    assert (out / "report.md").is_file() and (out / "metrics.png").is_file()
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+def test_shipped_model_is_present():
+    root = ASSETS / "s2v-mini"
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size < 50 * 2**20, f"embedded model is {size / 2**20:.1f} MiB, over the 50 MiB budget"
+    for rel in ("high_noise_model/config.json", "low_noise_model/config.json", "single_expert/config.json",
+                "vae.safetensors", "byte_text_encoder.safetensors", "example/ref.png", "example/audio.wav"):
+        assert (root / rel).is_file(), rel
+
+
+def test_two_experts_beat_one_on_psnr_and_ssim(results):
+    two, one = results["two"], results["one"]
+    assert two["psnr"] > one["psnr"], (two["psnr"], one["psnr"])
+    assert two["ssim"] > one["ssim"], (two["ssim"], one["ssim"])
+
+
+def test_audio_mouth_sync_on_heldout_and_real_speech(results):
+    two = results["two"]
+    assert two["sync"] >= 0.5, two["sync"]
+    assert two["sync_speech"] >= 0.5, two["sync_speech"]
