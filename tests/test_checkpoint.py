@@ -7,6 +7,7 @@ must read, and what we write they must read, tensor for tensor.
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -37,6 +38,9 @@ def _official_modules() -> tuple[types.ModuleType, types.ModuleType]:
         if name not in sys.modules:
             pkg = types.ModuleType(name)
             pkg.__path__ = [str(WAN / sub)]
+            # A real spec, so importlib.util.find_spec("wan") keeps working for the other oracles in this process.
+            pkg.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            pkg.__spec__.submodule_search_locations = [str(WAN / sub)]
             sys.modules[name] = pkg
     att = types.ModuleType("wan.modules.attention")
 

@@ -18,7 +18,8 @@ def test_train_smoke_every_stage(tmp_path):
     for name in ("high", "low", "dense"):
         ck = torch.load(out / "experts" / f"{name}.pt", weights_only=True)
         assert ck["step"] == 3
-        losses = [json.loads(line)["loss"] for line in (out / "experts" / f"{name}_loss.jsonl").read_text().splitlines()]
+        log = (out / "experts" / f"{name}_loss.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["loss"] for line in log]
         assert all(torch.isfinite(torch.tensor(v)) for v in losses)
     exported = out / "export"
     assert (exported / "high_noise_model" / "config.json").is_file()

@@ -62,15 +62,17 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     off.add_argument("--image", default=None, help="input image (i2v) or reference image (s2v)")
     off.add_argument("--sample_solver", default="unipc", choices=["unipc", "dpm++", "euler"], help="ODE solver")
     off.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default: task config)")
-    off.add_argument("--sample_shift", type=float, default=None, help="flow-matching sigma shift (default: task config)")
+    off.add_argument("--sample_shift", type=float, default=None,
+                      help="flow-matching sigma shift (default: task config)")
     off.add_argument("--sample_guide_scale", type=float, default=None,
                      help="classifier-free guidance scale for every expert (default: task config, per expert)")
     off.add_argument("--convert_model_dtype", action="store_true", help="cast the DiT weights to bf16")
-    off.add_argument("--num_clip", type=int, default=None, help="s2v: at most this many clips (default: from audio length)")
+    off.add_argument("--num_clip", type=int, default=None, help="s2v: at most this many clips (default: audio length)")
     off.add_argument("--audio", default=None, help="s2v: driving audio (wav/mp3; default: the task's example)")
     off.add_argument("--pose_video", default=None, help="s2v: pose video driving the body")
     off.add_argument("--start_from_ref", action="store_true", help="s2v: start the video from the reference image")
-    off.add_argument("--infer_frames", type=int, default=None, help="s2v: frames per clip, multiple of 4 (default: task)")
+    off.add_argument("--infer_frames", type=int, default=None,
+                      help="s2v: frames per clip, multiple of 4 (default: task)")
 
     ours = p.add_argument_group("noise-expert flags (wanmoe)")
     ours.add_argument("--boundary", type=float, default=None,
@@ -83,7 +85,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     ours.add_argument("--guidance_scale", type=_guidance, default=None,
                       help="CFG scale: one value, or per expert as high=4.0,low=3.0 (overrides --sample_guide_scale)")
     ours.add_argument("--motion_scale", type=float, default=1.0,
-                      help="s2v: audio guidance; 1 = plain conditioning, >1 strengthens audio-driven motion, 0 removes it")
+                      help="s2v: audio guidance; 1 = plain conditioning, >1 strengthens audio motion, 0 removes it")
     ours.add_argument("--cfg_parallel", action="store_true",
                       help="run the conditional and unconditional passes on two rank groups (world = 2 x ulysses_size)")
     ours.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
