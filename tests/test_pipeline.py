@@ -156,3 +156,23 @@ def test_motion_scale_zero_equals_zero_audio(tiny_ckpt, media_dir):
     torch.testing.assert_close(no_motion, silent, atol=1e-5, rtol=0)
     # ... and the audio does reach the model, so the equality is not vacuous.
     assert (heard - silent).abs().max() > 1e-3
+
+
+def test_expert_spec_from_flags_any_expert_count():
+    import dataclasses
+
+    import pytest
+
+    from wanmoe.configs import PRESETS
+    from wanmoe.pipeline import expert_spec
+
+    two = PRESETS["t2v-tiny"]
+    assert expert_spec(two).boundary == (0.875,)
+    assert expert_spec(two, threshold=-2.0, blend=0.5).thresholds == (-2.0,)
+    # A four-expert model (the roadmap) takes its three cuts from the preset; one flag value cannot set them.
+    four = dataclasses.replace(two, experts=("high", "motion", "light", "low"), boundary=(0.95, 0.9, 0.8))
+    assert expert_spec(four).boundary == (0.95, 0.9, 0.8)
+    with pytest.raises(ValueError, match="single cut between two experts"):
+        expert_spec(four, threshold=-2.0)
+    with pytest.raises(ValueError, match="single expert"):
+        expert_spec(PRESETS["s2v-tiny"], boundary=0.9)

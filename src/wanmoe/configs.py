@@ -35,7 +35,7 @@ class PipelineConfig:
     vae: VAEConfig
     # Experts, high noise first. Folder names follow the official layout; a single-expert model has one entry.
     experts: tuple[str, ...] = ("high", "low")
-    boundary: float | None = None  # official timestep-fraction switch between consecutive experts
+    boundary: float | tuple[float, ...] | None = None  # official timestep-fraction cut(s), one per expert pair
     text_encoder: str = "umt5-xxl"  # "umt5-xxl" | "byte"
     byte_text: ByteTextConfig | None = None  # the small trainable text encoder, when text_encoder == "byte"
     audio_encoder: str | None = None  # "wav2vec2" | "mel" | None

@@ -128,9 +128,13 @@ def expert_spec(cfg: PipelineConfig, boundary: float | None = None, threshold: f
             raise ValueError(f"task {cfg.task} has a single expert: --boundary/--expert_threshold/--expert_blend "
                              "do not apply")
         return ex.ExpertSpec(names=cfg.experts)
+    if (threshold is not None or boundary is not None) and n != 2:
+        # One flag value is one cut: it only defines the split of a two-expert model. More experts take their
+        # cuts (a tuple of boundaries or thresholds) from the preset.
+        raise ValueError(f"--expert_threshold/--boundary set the single cut between two experts; {cfg.task} has "
+                         f"{n} experts {cfg.experts}")
     if threshold is not None:
-        return ex.ExpertSpec(names=cfg.experts, thresholds=(threshold,) * (n - 1) if n == 2 else (threshold,),
-                             blend=blend)
+        return ex.ExpertSpec(names=cfg.experts, thresholds=(threshold,), blend=blend)
     b = cfg.boundary if boundary is None else boundary
     return ex.ExpertSpec(names=cfg.experts, boundary=b, blend=blend)
 
