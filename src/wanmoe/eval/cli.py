@@ -103,13 +103,14 @@ def run_setup(task: str, model_dir: Path, flags: list[str], cases: list[dict], s
         import dataclasses
 
         cfg = dataclasses.replace(cfg, experts=("low",), boundary=None, guide_scale={"low": cfg.guide_scale["low"]})
-    rows, seconds, frames = [], 0.0, 0
+    rows, seconds, frames, comps = [], 0.0, 0, None
     for c in cases:
         argv = ["generate", "--task", task, "--ckpt_dir", str(model_dir), "--image", str(c["image"]), "--audio",
                 str(c["audio"]), "--prompt", c["sample"].prompt, "--base_seed", str(seed), "--quiet", *flags]
         args = build_parser().parse_args(argv)
         req = pipeline.request_from_args(args, cfg)
-        comps = pipeline.load_components(cfg, req)
+        # The components depend on the set-up only (task, checkpoint, flags), not on the case: load them once.
+        comps = comps or pipeline.load_components(cfg, req)
         res = pipeline.generate(comps, req, pipeline.read_inputs(req, cfg), progress=False)
         seconds += res.timings["generate_s"]
         frames += res.video.shape[1]
