@@ -30,6 +30,29 @@ def test_train_smoke_every_stage(tmp_path):
            for n in ("high", "low", "dense")}
     assert rng["high"][0] == rng["low"][1] == 0.9 and rng["high"][1] == 1.0 and rng["low"][0] == 0.0
     assert rng["dense"] == [0.0, 1.0]
+    # The latents carry the mouth cells; a continued run starts from the EMA weights of an earlier one and
+    # trains with the lip-region loss.
+    from wanmoe.train.loop import LatentSet
+
+    lat = LatentSet.load(out / "latents.pt")
+    assert lat.mouth is not None and lat.mouth.shape == (3, 1, 1, *lat.latents.shape[-2:])
+    assert 0 < lat.mouth.sum() < lat.mouth.numel()
+    before = (out / "vae" / "vae.safetensors").read_bytes()
+    assert train_cli.main(["vae", "--out", str(out), "--quiet", "--phases", "5:5:16:1:1e-3:mouth"]) == 0
+    assert torch.load(out / "vae" / "vae_ckpt.pt", weights_only=True)["step"] == 5
+    assert (out / "vae" / "vae.safetensors").read_bytes() != before
+    cont = tmp_path / "cont"
+    (cont / "experts").mkdir(parents=True)
+    (cont / "latents.pt").symlink_to(out / "latents.pt")
+    init = out / "experts" / "high.pt"
+    assert train_cli.main(["expert", "--expert", "high", "--out", str(cont), "--smoke", "--quiet", "--init",
+                           str(init), "--mouth_weight", "2"]) == 0
+    ck = torch.load(cont / "experts" / "high.pt", weights_only=True)
+    assert ck["step"] == 3
+    start = torch.load(init, weights_only=True)["ema"]
+    # Started from init (not from scratch) and moved from it.
+    moved = [k for k in start if not torch.equal(start[k], ck["model"][k])]
+    assert moved and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
 def test_expert_sigma_sampling_stays_in_range():
@@ -42,3 +65,30 @@ def test_expert_sigma_sampling_stays_in_range():
     assert s.min() >= 0.0 and s.max() <= 0.9 + 1e-6
     # Distributed like the sampler's shifted steps: with shift 5 most mass sits at high sigma.
     assert (sample_sigmas(10000, 0.0, 1.0, 5.0, g) > 0.5).float().mean() > 0.7
+
+
+def test_mouth_crops_and_lip_region_loss():
+    from wanmoe.train.clips import build_clips
+    from wanmoe.train.loop import mouth_cells, velocity_loss
+    from wanmoe.train.vae_train import mouth_boxes, random_crops
+
+    clips = build_clips([0, 1], frames=5, size=64, progress=False)
+    boxes = mouth_boxes(clips)
+    g = torch.Generator().manual_seed(0)
+    x, mask = random_crops(clips, g, 4, 5, 32, boxes=boxes, mouth_p=1.0)
+    assert x.shape == (4, 3, 5, 32, 32) and mask.shape == (4, 1, 1, 32, 32)
+    assert (mask.flatten(1).sum(1) > 0).all()  # every mouth-centred crop holds (part of) the mouth box
+    # The mouth interior colour is there: dark-red pixels inside the mask.
+    red = (x[:, 0] > -0.6) & (x[:, 1] < -0.7)
+    assert (red & (mask[:, 0] > 0)).any()
+    _, far = random_crops(clips, g, 8, 5, 16, boxes=boxes, mouth_p=0.0)
+    assert far.shape == (8, 1, 1, 16, 16)
+
+    m = mouth_cells((18, 30, 10, 25), (8, 8), 8)
+    assert m[0, 0].nonzero().tolist() == [[r, c] for r in (2, 3) for c in (1, 2, 3)]
+    pred, target = torch.zeros(1, 2, 3, 8, 8), torch.zeros(1, 2, 3, 8, 8)
+    pred[..., 0, 0] = 1.0  # error outside the mouth only
+    assert torch.isclose(velocity_loss(pred, target, m[None], 5.0), velocity_loss(pred, target, None, 0.0))
+    pred2 = torch.zeros_like(pred)
+    pred2[..., 2, 1] = 1.0  # the same error on a mouth cell costs more
+    assert velocity_loss(pred2, target, m[None], 5.0) > velocity_loss(pred, target, m[None], 5.0)

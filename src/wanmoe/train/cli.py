@@ -38,11 +38,15 @@ def build_latents(cfg: PipelineConfig, clips: ClipSet, vae, text_encoder, *, pro
     from tqdm import tqdm
 
     from wanmoe.encoders.audio import MelAudioEncoder
-    from wanmoe.train.loop import LatentSet
+    from wanmoe.train.loop import LatentSet, mouth_cells
+    from wanmoe.train.vae_train import mouth_boxes
 
     mel = MelAudioEncoder(cfg.mel)
     nf = cfg.infer_frames
     lats, auds = [], []
+    hp, wp = clips.ref.shape[-2:]
+    stride = vae.cfg.stride[1]
+    mouth = torch.stack([mouth_cells(b, (hp // stride, wp // stride), stride) for b in mouth_boxes(clips)])
     with torch.no_grad():
         # Batches of 2 through the one-pass encoder: oneDNN kernels at batch >= 2 are several times faster on CPU.
         for i in tqdm(range(0, len(clips), 2), desc="encode clips", disable=not progress):
@@ -55,7 +59,7 @@ def build_latents(cfg: PipelineConfig, clips: ClipSet, vae, text_encoder, *, pro
                 auds.append(torch.nn.functional.pad(a, (0, nf - a.shape[-1])))
         ctx = torch.cat([text_encoder([p]) for p in clips.prompts])  # (N, S, text_dim)
         null = text_encoder([""])[0]
-    return LatentSet(torch.stack(lats), torch.stack(auds), ctx, null)
+    return LatentSet(torch.stack(lats), torch.stack(auds), ctx, null, mouth)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,8 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (train experts side by side, one each)")
     p.add_argument("--max_minutes", type=float, default=None, help="expert: stop (and checkpoint) after this long")
     p.add_argument("--phases", default="1800:5:48:4:6e-4,2400:49:24:2:4e-4",
-                   help="vae: end_step:frames:crop:batch:lr[:sample] per phase, each resuming the previous")
+                   help="vae: end_step:frames:crop:batch:lr[:sample][:mouth] per phase, each resuming the previous "
+                        "(sample: draw from the posterior; mouth: over-sample mouth crops with a lip-region loss)")
     p.add_argument("--dest", type=Path, default=None, help="export: destination folder")
+    p.add_argument("--init", type=Path, default=None,
+                   help="expert: start from this checkpoint's EMA weights (e.g. runs/mini/experts/high.pt)")
+    p.add_argument("--mouth_weight", type=float, default=0.0,
+                   help="expert: extra loss weight on the latent cells over the mouth (lip-region loss)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CI)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -100,10 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         if a.smoke:
             phases = [["3", "5", "16", "2", "1e-3"]]
         final = vcfg
-        for k, ph in enumerate(phases):  # end_step:frames:crop:batch:lr[:sample]; each resumes the last
+        for k, ph in enumerate(phases):  # end_step:frames:crop:batch:lr[:sample][:mouth]; each resumes the last
+            flags = set(ph[5:])
+            if flags - {"sample", "mouth"}:
+                raise SystemExit(f"--phases: unknown flag(s) {sorted(flags - {'sample', 'mouth'})} in {':'.join(ph)}")
+            mouth = "mouth" in flags
             final = train_vae(clips, a.out / "vae", vcfg, steps=int(ph[0]), frames=int(ph[1]), crop=int(ph[2]),
-                              batch=int(ph[3]), lr=float(ph[4]), sample_posterior=ph[5:] == ["sample"],
-                              ckpt_every=50, progress=progress, finalize=k == len(phases) - 1)
+                              batch=int(ph[3]), lr=float(ph[4]), sample_posterior="sample" in flags,
+                              mouth_p=0.6 if mouth else 0.0, mouth_weight=4.0 if mouth else 0.0,
+                              ref_p=0.5 if mouth else 0.3, ckpt_every=50, progress=progress,
+                              finalize=k == len(phases) - 1)
         (a.out / "vae" / "config.json").write_text(json.dumps(dataclasses.asdict(final)))
     elif a.stage == "latents":
         from wanmoe.loading import load_small_vae
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
         steps = a.steps or (3 if a.smoke else 4000)
         train_expert(cfg, LatentSet.load(a.out / "latents.pt"), a.out / "experts", expert=a.expert, steps=steps,
-                     batch=a.batch, lr=a.lr or 5e-4, progress=progress,
+                     batch=a.batch, lr=a.lr or 5e-4, progress=progress, mouth_weight=a.mouth_weight, init=a.init,
                      max_seconds=None if a.max_minutes is None else a.max_minutes * 60)
     elif a.stage == "export":
         export(cfg, a.out, a.dest or a.out / "export")

@@ -48,6 +48,7 @@ class LatentSet:
     audio: Tensor  # (N, K, Dm, A) with A = 4 F
     context: Tensor  # (N, S, text_dim) frozen text-encoder output
     context_null: Tensor  # (S, text_dim) the empty prompt
+    mouth: Tensor | None = None  # (N, 1, 1, H, W) 1 on latent cells covering the mouth box, else 0
 
     def save(self, path: Path) -> None:
         tmp = Path(str(path) + ".tmp")
@@ -57,6 +58,23 @@ class LatentSet:
     @classmethod
     def load(cls, path: Path) -> LatentSet:
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+
+def mouth_cells(box: tuple[int, int, int, int], hw: tuple[int, int], stride: int) -> Tensor:
+    """(1, 1, H, W) mask of the latent cells that overlap the pixel box (y0, y1, x0, x1)."""
+    y0, y1, x0, x1 = box
+    m = torch.zeros(1, 1, *hw)
+    m[..., y0 // stride : -(-y1 // stride), x0 // stride : -(-x1 // stride)] = 1
+    return m
+
+
+def velocity_loss(pred: Tensor, target: Tensor, mouth: Tensor | None, mouth_weight: float) -> Tensor:
+    """MSE on the velocity, plus ``mouth_weight`` x the MSE on the mouth cells (a lip-region loss)."""
+    loss = F.mse_loss(pred, target)
+    if mouth is not None and mouth_weight > 0:
+        m = mouth.expand_as(pred)
+        loss = loss + mouth_weight * ((pred - target).pow(2) * m).sum() / m.sum().clamp_min(1)
+    return loss
 
 
 def u_range(sigma_lo: float, sigma_hi: float, shift: float) -> tuple[float, float]:
@@ -92,8 +110,12 @@ def jitter_latents(z: Tensor, g: torch.Generator, strength: float = 0.15) -> Ten
 def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str, steps: int, batch: int = 2,
                  lr: float = 3e-4, shift: float | None = None, drop_text: float = 0.1, drop_audio: float = 0.1,
                  ema_decay: float = 0.995, seed: int = 0, ckpt_every: int = 100, progress: bool = True,
-                 max_seconds: float | None = None) -> Path:
-    """Train `expert` ("high", "low" or "dense" = the whole range) and write out/<expert>.pt; resumable."""
+                 max_seconds: float | None = None, mouth_weight: float = 0.0, init: Path | None = None) -> Path:
+    """Train `expert` ("high", "low" or "dense" = the whole range) and write out/<expert>.pt; resumable.
+
+    ``init``: a checkpoint of an earlier run (its EMA weights start both the model and the EMA; the optimiser
+    and the step count start fresh), used when a run continues from the shipped model after the VAE changed.
+    ``mouth_weight``: extra weight on the latent cells over the mouth (needs ``data.mouth``)."""
     spec = ex.ExpertSpec(names=cfg.experts, boundary=cfg.boundary) if len(cfg.experts) > 1 else ex.DENSE
     lo, hi = (0.0, 1.0) if expert == "dense" else ex.expert_sigma_range(spec, expert)
     shift = cfg.sample_shift if shift is None else shift
@@ -105,6 +127,13 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     step = 0
+    if init is not None and not ckpt_path.exists():
+        ck = torch.load(init, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["ema"])
+        ema.load_state_dict(ck["ema"])
+        log.info("initialised %s from %s", expert, init)
+    if mouth_weight > 0 and data.mouth is None:
+        raise ValueError("mouth_weight > 0 needs latents built with mouth masks (re-run `wanmoe train latents`)")
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"])
@@ -134,7 +163,7 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
         motion = x0.new_zeros(batch, x0.shape[1], fm, *x0.shape[3:])
         inp = S2VInputs(audio=audio, ref_latents=ref, motion_latents=motion, drop_motion_frames=True)
         pred = model(xt, sigma * 1000, ctx, s2v=inp)  # (B, C, F, H, W) velocity
-        loss = F.mse_loss(pred, noise - x0)
+        loss = velocity_loss(pred, noise - x0, None if data.mouth is None else data.mouth[idx], mouth_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

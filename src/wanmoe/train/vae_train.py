@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -26,20 +27,49 @@ from wanmoe.train.clips import ClipSet
 log = logging.getLogger(__name__)
 
 
-def random_crops(clips: ClipSet, g: torch.Generator, batch: int, frames: int, crop: int) -> torch.Tensor:
-    """(B, 3, frames, crop, crop) in [-1, 1]: random clip, start frame and position; frame 0 is sometimes the ref."""
+def mouth_boxes(clips: ClipSet) -> list[tuple[int, int, int, int]]:
+    """Per clip, the (y0, y1, x0, x1) pixel box of the mouth found on its reference image (eval's own finder)."""
+    from wanmoe.eval.metrics import locate_mouth
+
+    boxes = []
+    for i in range(len(clips)):
+        r = locate_mouth(clips.ref_float(i))
+        boxes.append((r.y0, r.y1, r.x0, r.x1))
+    return boxes
+
+
+def random_crops(clips: ClipSet, g: torch.Generator, batch: int, frames: int, crop: int, *,
+                 boxes: list[tuple[int, int, int, int]] | None = None, mouth_p: float = 0.0,
+                 ref_p: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, frames, crop, crop) in [-1, 1] and a (B, 1, 1, crop, crop) mouth mask (1 inside the mouth box).
+
+    Random clip, start frame and position; frame 0 is the reference image with probability ``ref_p`` (the S2V
+    layout encodes [ref | video]). With probability ``mouth_p`` the crop is centred near the mouth (needs
+    ``boxes``): the mouth is a small part of the frame but it is what audio drives, so it is over-sampled.
+    """
     n, _, t, h, w = clips.video.shape
-    out = []
+    out, masks = [], []
     for _ in range(batch):
         i = int(torch.randint(n, (1,), generator=g))
         s = int(torch.randint(t - frames + 1, (1,), generator=g))
-        y = int(torch.randint(h - crop + 1, (1,), generator=g))
-        x = int(torch.randint(w - crop + 1, (1,), generator=g))
+        if boxes is not None and torch.rand((), generator=g) < mouth_p:
+            y0, y1, x0, x1 = boxes[i]
+            jy, jx = (int(v) for v in torch.randint(-crop // 6, crop // 6 + 1, (2,), generator=g))
+            y = min(max((y0 + y1) // 2 - crop // 2 + jy, 0), h - crop)
+            x = min(max((x0 + x1) // 2 - crop // 2 + jx, 0), w - crop)
+        else:
+            y = int(torch.randint(h - crop + 1, (1,), generator=g))
+            x = int(torch.randint(w - crop + 1, (1,), generator=g))
         v = clips.video_float(i)[:, s : s + frames, y : y + crop, x : x + crop]  # (3, T, c, c)
-        if torch.rand((), generator=g) < 0.3:  # the S2V layout encodes [ref | video]: train that transition too
+        if torch.rand((), generator=g) < ref_p:
             v = torch.cat([clips.ref_float(i)[:, None, y : y + crop, x : x + crop], v[:, 1:]], dim=1)
+        mask = torch.zeros(1, 1, h, w)
+        if boxes is not None:
+            y0, y1, x0, x1 = boxes[i]
+            mask[..., y0:y1, x0:x1] = 1
         out.append(v)
-    return torch.stack(out)
+        masks.append(mask[..., y : y + crop, x : x + crop])
+    return torch.stack(out), torch.stack(masks)
 
 
 @torch.no_grad()
@@ -52,8 +82,13 @@ def measure_latent_stats(vae: WanVAE, clips: ClipSet, n: int = 16) -> tuple[list
 
 def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: int = 2, frames: int = 9,
               crop: int = 64, lr: float = 4e-4, kl_weight: float = 1e-6, seed: int = 0, ckpt_every: int = 200,
-              progress: bool = True, sample_posterior: bool = False, finalize: bool = True) -> VAEConfig:
-    """Flat loop: sample crops -> encode -> reparameterise -> decode -> loss -> step; resumable from out/vae_ckpt.pt."""
+              progress: bool = True, sample_posterior: bool = False, finalize: bool = True, mouth_p: float = 0.0,
+              mouth_weight: float = 0.0, ref_p: float = 0.3) -> VAEConfig:
+    """Flat loop: sample crops -> encode -> reparameterise -> decode -> loss -> step; resumable from out/vae_ckpt.pt.
+
+    ``mouth_p``/``mouth_weight``: over-sample mouth-centred crops and add ``mouth_weight`` x the L1 loss inside
+    the mouth box (a lip-region loss: the mouth is small, but audio-mouth sync lives there). The learning rate
+    follows a cosine from ``lr`` over this call's steps (resumed phases restart their own cosine)."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "vae_ckpt.pt"
     torch.manual_seed(seed)
@@ -67,11 +102,13 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
         step = int(ck["step"])
         log.info("resumed VAE training at step %d", step)
     g = torch.Generator().manual_seed(seed + step)
+    start = step
+    boxes = mouth_boxes(clips) if (mouth_p > 0 or mouth_weight > 0) else None
     logf = (out / "vae_loss.jsonl").open("a")
     bar = tqdm(total=steps, initial=step, desc="train vae", disable=not progress)
     t0 = time.perf_counter()
     while step < steps:
-        x = random_crops(clips, g, batch, frames, crop)
+        x, mask = random_crops(clips, g, batch, frames, crop, boxes=boxes, mouth_p=mouth_p, ref_p=ref_p)
         mu, logvar = vae.encode_moments(x, chunked=False)
         # The DiT only ever sees mu (the official encode drops log_var), so sampling the posterior is optional;
         # the deterministic path converges much faster on CPU budgets.
@@ -79,13 +116,17 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
         # decode() expects a normalised latent; during training the stats are (0, 1), so z is used as is.
         rec = vae.decode(z, clamp=False, chunked=False)
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        if mouth_weight > 0 and mask.sum() > 0:
+            m = mask.expand_as(x)
+            rec_loss = rec_loss + mouth_weight * ((rec - x).abs() * m).sum() / m.sum()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         loss = rec_loss + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         for group in opt.param_groups:  # cosine decay over the run
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi)).item()))
+            frac = (step - start) / max(steps - start, 1)
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         opt.step()
         step += 1
         bar.update(1)
