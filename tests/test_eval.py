@@ -35,10 +35,12 @@ def test_two_experts_beat_one_on_psnr_and_ssim(results):
     assert two["ssim"] > one["ssim"], (two["ssim"], one["ssim"])
 
 
-def test_sync_is_measured_on_heldout_and_real_speech(results):
-    # The issue's target (sync >= 0.5) is NOT met by the shipped model (docs/results.md); this checks the
-    # measurement itself runs on held-out and espeak-ng audio and gives a correlation.
+def test_mouth_follows_the_audio_on_heldout_audio(results):
+    # Issue 5's target on held-out audio: audio-mouth sync >= 0.5 at lag 0. (On espeak-ng speech the shipped
+    # model reaches about 0.27, short of the target; docs/results.md. It is measured here, not asserted.)
     two = results["two"]
-    for key in ("sync", "sync_speech", "gt_sync"):
-        assert -1.0 <= two[key] <= 1.0, (key, two[key])
     assert two["gt_sync"] > 0.9  # the metric sees the ground truth's mouth follow the audio
+    assert two["sync"] >= 0.5, two["sync"]
+    assert -1.0 <= two["sync_speech"] <= 1.0
+    # It is this audio that drives the mouth: against another case's envelope the same frames score near 0.
+    assert abs(two["sync_other"]) < 0.3 and two["sync"] - two["sync_other"] > 0.4, (two["sync"], two["sync_other"])

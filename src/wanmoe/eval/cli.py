@@ -34,6 +34,8 @@ SETUPS: dict[str, tuple[str, list[str]]] = {
     "two-10steps": ("", ["--sample_steps", "10"]),
     "one-10steps": ("single_expert", ["--sample_steps", "10"]),
     "two-dpm++": ("", ["--sample_solver", "dpm++"]),
+    "two-audio2": ("", ["--motion_scale", "2"]),
+    "one-audio2": ("single_expert", ["--motion_scale", "2"]),
 }
 DROPPED = 3  # frames the first clip loses (wan/speech2video.py)
 
@@ -91,6 +93,14 @@ def score(video: torch.Tensor, s) -> dict[str, float]:  # noqa: ANN001 (AvatarSa
             "gt_sync": m.mouth_sync(gt, env, s.ref)["sync"]}
 
 
+def other_sync(video: torch.Tensor, s, other) -> float:  # noqa: ANN001 (AvatarSample)
+    """Sync of ``video`` (generated for ``s``) against the envelope of a different sample ``other``."""
+    from wanmoe.eval import metrics as m
+
+    t = min(video.shape[1], s.video.shape[1] - DROPPED, other.envelope.shape[0] - DROPPED)
+    return m.mouth_sync(video[:, :t], other.envelope[DROPPED : DROPPED + t], s.ref)["sync"]
+
+
 def run_setup(task: str, model_dir: Path, flags: list[str], cases: list[dict], seed: int) -> dict:
     """Generate every case with one set-up (in this process) and average the metrics."""
     from wanmoe import pipeline
@@ -103,7 +113,7 @@ def run_setup(task: str, model_dir: Path, flags: list[str], cases: list[dict], s
         import dataclasses
 
         cfg = dataclasses.replace(cfg, experts=("low",), boundary=None, guide_scale={"low": cfg.guide_scale["low"]})
-    rows, seconds, frames, comps = [], 0.0, 0, None
+    rows, videos, seconds, frames, comps = [], [], 0.0, 0, None
     for c in cases:
         argv = ["generate", "--task", task, "--ckpt_dir", str(model_dir), "--image", str(c["image"]), "--audio",
                 str(c["audio"]), "--prompt", c["sample"].prompt, "--base_seed", str(seed), "--quiet", *flags]
@@ -115,6 +125,11 @@ def run_setup(task: str, model_dir: Path, flags: list[str], cases: list[dict], s
         seconds += res.timings["generate_s"]
         frames += res.video.shape[1]
         rows.append({"case": c["name"], **score(res.video, c["sample"])})
+        videos.append(res.video)
+    # Control: the same generated mouth against ANOTHER case's loudness envelope. A mouth that follows its own
+    # audio scores high on "sync" and about 0 here; a generic open/close pattern scores alike on both.
+    for k, r in enumerate(rows):
+        r["sync_other"] = other_sync(videos[k], cases[k]["sample"], cases[(k + 1) % len(cases)]["sample"])
     heldout = [r for r in rows if r["case"] != "espeak-ng"]
     out = {k: float(np.mean([r[k] for r in heldout])) for k in heldout[0] if k != "case"}
     speech = [r for r in rows if r["case"] == "espeak-ng"]
