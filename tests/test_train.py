@@ -92,3 +92,32 @@ def test_mouth_crops_and_lip_region_loss():
     pred2 = torch.zeros_like(pred)
     pred2[..., 2, 1] = 1.0  # the same error on a mouth cell costs more
     assert velocity_loss(pred2, target, m[None], 5.0) > velocity_loss(pred, target, m[None], 5.0)
+
+
+def test_espeak_clips_are_real_speech_and_deterministic():
+    import numpy as np
+
+    from wanmoe.data.espeak import espeak_sentence, espeak_speech
+    from wanmoe.train.clips import build_clips
+
+    assert espeak_sentence(7) == espeak_sentence(7) != espeak_sentence(8)
+    a = espeak_speech(7, 1.5)
+    assert a.shape == (24000,) and a.dtype == np.float32 and np.abs(a).max() > 0.05
+    np.testing.assert_array_equal(a, espeak_speech(7, 1.5))
+    clips = build_clips([3], frames=9, size=64, progress=False, speech="espeak")
+    assert clips.video.shape == (1, 3, 9, 64, 64) and clips.audio.shape == (1, 9000)
+    # The mouth in the render follows this audio, not the procedural one of the same seed.
+    synthetic = build_clips([3], frames=9, size=64, progress=False)
+    assert not torch.equal(clips.audio, synthetic.audio) and not torch.equal(clips.video, synthetic.video)
+
+
+def test_latent_sets_concatenate():
+    from wanmoe.train.loop import LatentSet
+
+    def one(n, mouth=True):
+        return LatentSet(torch.randn(n, 4, 3, 2, 2), torch.randn(n, 1, 5, 8), torch.randn(n, 6, 7), torch.zeros(6, 7),
+                         torch.ones(n, 1, 1, 2, 2) if mouth else None)
+
+    both = LatentSet.cat([one(2), one(3)])
+    assert both.latents.shape[0] == both.audio.shape[0] == both.context.shape[0] == both.mouth.shape[0] == 5
+    assert LatentSet.cat([one(2), one(1, mouth=False)]).mouth is None

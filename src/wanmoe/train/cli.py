@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="s2v-mini", choices=[k for k, v in PRESETS.items() if v.text_encoder == "byte"])
     p.add_argument("--out", type=Path, default=Path("runs/mini"))
     p.add_argument("--n", type=int, default=240, help="clips: how many training clips")
+    p.add_argument("--start", type=int, default=0, help="clips: first training-split seed")
+    p.add_argument("--speech", default="synthetic", choices=["synthetic", "espeak"],
+                   help="clips: procedural speech-like audio, or real espeak-ng sentences")
+    p.add_argument("--latents", default=None,
+                   help="expert: comma list of latent files to train on together (default: OUT/latents.pt)")
     p.add_argument("--steps", type=int, default=None, help="vae/expert: total optimisation steps")
     p.add_argument("--expert", default="high", help="expert: high | low | dense (single-expert baseline)")
     p.add_argument("--batch", type=int, default=2)
@@ -98,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
         frames = cfg.infer_frames + 1
         size = 64 if a.smoke else int(cfg.default_size.split("*")[0])
-        save_clips(build_clips(split_seeds("train", a.n), frames=frames, size=size, progress=progress),
-                   a.out / "clips.pt")
+        seeds = split_seeds("train")[a.start : a.start + a.n]
+        save_clips(build_clips(seeds, frames=frames, size=size, progress=progress, speech=a.speech), a.out / "clips.pt")
     elif a.stage == "vae":
         from wanmoe.train.vae_train import train_vae
 
@@ -131,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         from wanmoe.train.loop import LatentSet, train_expert
 
         steps = a.steps or (3 if a.smoke else 4000)
-        train_expert(cfg, LatentSet.load(a.out / "latents.pt"), a.out / "experts", expert=a.expert, steps=steps,
+        files = [Path(f) for f in a.latents.split(",")] if a.latents else [a.out / "latents.pt"]
+        data = LatentSet.cat([LatentSet.load(f) for f in files])
+        train_expert(cfg, data, a.out / "experts", expert=a.expert, steps=steps,
                      batch=a.batch, lr=a.lr or 5e-4, progress=progress, mouth_weight=a.mouth_weight, init=a.init,
                      max_seconds=None if a.max_minutes is None else a.max_minutes * 60)
     elif a.stage == "export":

@@ -48,12 +48,20 @@ def _to_u8(x: Tensor) -> Tensor:
 
 
 def build_clips(seeds: list[int] | range, *, frames: int, size: int, fps: float = 16.0,
-                progress: bool = True) -> ClipSet:
-    from wanmoe.data.avatar import make_sample
+                progress: bool = True, speech: str = "synthetic") -> ClipSet:
+    """Render one clip per seed. ``speech``: 'synthetic' (the procedural speech-like audio of `make_sample`) or
+    'espeak' (a real sentence from espeak-ng, `data.espeak`, driving the same seed's avatar)."""
+    from wanmoe.data.avatar import make_sample, render_from_audio, sample_params
+    from wanmoe.data.espeak import espeak_speech
 
+    if speech not in ("synthetic", "espeak"):
+        raise ValueError(f"speech={speech!r}; expected 'synthetic' or 'espeak'")
     vids, refs, auds, prompts, sr = [], [], [], [], 16000
     for seed in tqdm(list(seeds), desc="render clips", disable=not progress):
-        s = make_sample(int(seed), size=size, fps=fps, frames=frames)
+        if speech == "espeak":
+            s = render_from_audio(sample_params(int(seed)), espeak_speech(int(seed), frames / fps, sr), sr, fps, size)
+        else:
+            s = make_sample(int(seed), size=size, fps=fps, frames=frames)
         vids.append(_to_u8(s.video))
         refs.append(_to_u8(s.ref))
         auds.append(torch.from_numpy(np.asarray(s.audio, dtype=np.float32)))

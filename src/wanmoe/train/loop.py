@@ -59,6 +59,15 @@ class LatentSet:
     def load(cls, path: Path) -> LatentSet:
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
 
+    @classmethod
+    def cat(cls, sets: list[LatentSet]) -> LatentSet:
+        """One set from several (same shapes; the first set's empty-prompt context)."""
+        if len(sets) == 1:
+            return sets[0]
+        mouth = None if any(s.mouth is None for s in sets) else torch.cat([s.mouth for s in sets])
+        return cls(torch.cat([s.latents for s in sets]), torch.cat([s.audio for s in sets]),
+                   torch.cat([s.context for s in sets]), sets[0].context_null, mouth)
+
 
 def mouth_cells(box: tuple[int, int, int, int], hw: tuple[int, int], stride: int) -> Tensor:
     """(1, 1, H, W) mask of the latent cells that overlap the pixel box (y0, y1, x0, x1)."""

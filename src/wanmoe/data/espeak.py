@@ -1,0 +1,57 @@
+"""Real synthesized speech for training clips: espeak-ng sentences, a deterministic function of the seed.
+
+Axis legend: N audio samples (mono).
+
+The procedural `speech.synthesize_speech` audio is speech-like but not speech; a model trained on it alone
+follows real speech only weakly (docs/results.md). These clips put real phonetics under the avatar: a sentence of
+common words (drawn from the seed), spoken by one of espeak-ng's voice variants at a drawn speed and pitch.
+espeak-ng is an external program (Debian package `espeak-ng`); it is only needed to make such training clips.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["espeak_sentence", "espeak_speech", "WORDS"]
+
+WORDS = (
+    "the a we you they it this that when where how why what good time day night sun rain music river "
+    "morning window garden people little always never often together tomorrow yesterday open close slowly "
+    "quickly happy quiet bright cold warm city road table paper story number color simple question answer "
+    "listen speak travel dream build follow remember around between under over because maybe really very"
+).split()
+_VARIANTS = ("m1", "m2", "m3", "m4", "m7", "f1", "f2", "f3", "f4")
+
+
+def espeak_sentence(seed: int) -> str:
+    """A few short phrases of common words, e.g. 'quiet garden always. we follow the river.'"""
+    rng = np.random.default_rng([int(seed), 0x5EEC])
+    phrases = []
+    for _ in range(int(rng.integers(2, 5))):
+        phrases.append(" ".join(rng.choice(WORDS, size=int(rng.integers(2, 6)))))
+    return ". ".join(phrases) + "."
+
+
+def espeak_speech(seed: int, seconds: float, sr: int = 16000) -> np.ndarray:
+    """(round(seconds * sr),) float32 mono: the seed's sentence spoken by espeak-ng, zero-padded or cut."""
+    from wanmoe import media
+
+    exe = shutil.which("espeak-ng") or shutil.which("espeak")
+    if exe is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng); it is needed for speech clips")
+    rng = np.random.default_rng([int(seed), 0x5EED])
+    voice = f"en+{_VARIANTS[int(rng.integers(len(_VARIANTS)))]}"
+    speed, pitch, lead = int(rng.integers(120, 176)), int(rng.integers(30, 71)), float(rng.uniform(0.0, 0.4))
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "s.wav"
+        subprocess.run([exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(wav), espeak_sentence(seed)],
+                       check=True, capture_output=True)
+        audio = media.read_audio(wav, sr=sr)
+    n = int(round(seconds * sr))
+    audio = np.concatenate([np.zeros(int(lead * sr), np.float32), audio.astype(np.float32)])[:n]
+    return np.pad(audio, (0, n - audio.shape[0]))
