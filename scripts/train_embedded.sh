@@ -34,3 +34,17 @@ for e in high low dense; do
 done
 wait
 train export --out "$OUT2" --dest src/wanmoe/assets/s2v-mini
+
+# Optional round 3 (measured in docs/results.md, not shipped): real espeak-ng speech clips. ROUND3=1 to run it.
+if [ "${ROUND3:-0}" = 1 ]; then
+  OUT3=${OUT3:-runs/v3}
+  mkdir -p "$OUT3/sp" && ln -sfn "$(realpath "$OUT2/vae")" "$OUT3/vae" && ln -sfn "$(realpath "$OUT2/vae")" "$OUT3/sp/vae"
+  train clips --out "$OUT3/sp" --speech espeak --n 48 --start 500000 --threads 2
+  train latents --out "$OUT3/sp" --n 48 --threads 2
+  for e in high low dense; do
+    train expert --out "$OUT3" --expert "$e" --steps 700 --max_minutes 10 --threads 1 --quiet --lr 1.5e-4 \
+      --init "$OUT2/experts/$e.pt" --mouth_weight 1 --latents "$OUT2/latents.pt,$OUT3/sp/latents.pt" &
+  done
+  wait
+  train export --out "$OUT3" --dest "$OUT3/export"
+fi
