@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["espeak_sentence", "espeak_speech", "WORDS"]
+__all__ = ["espeak_wav", "espeak_sentence", "espeak_speech", "WORDS"]
 
 WORDS = (
     "the a we you they it this that when where how why what good time day night sun rain music river "
@@ -26,6 +26,19 @@ WORDS = (
     "listen speak travel dream build follow remember around between under over because maybe really very"
 ).split()
 _VARIANTS = ("m1", "m2", "m3", "m4", "m7", "f1", "f2", "f3", "f4")
+
+
+def espeak_wav(text: str, path: Path, *, voice: str | None = None, speed: int = 140, pitch: int | None = None
+               ) -> Path:
+    """Speak ``text`` with espeak-ng into the WAV file ``path``; raises with a clear message when it is missing."""
+    exe = shutil.which("espeak-ng") or shutil.which("espeak")
+    if exe is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng); it makes the real-speech eval "
+                           "sample and the speech training clips")
+    args = [exe, *(["-v", voice] if voice else []), "-s", str(speed)]
+    args += ["-p", str(pitch)] if pitch is not None else []
+    subprocess.run([*args, "-w", str(path), text], check=True, capture_output=True)
+    return path
 
 
 def espeak_sentence(seed: int) -> str:
@@ -41,16 +54,11 @@ def espeak_speech(seed: int, seconds: float, sr: int = 16000) -> np.ndarray:
     """(round(seconds * sr),) float32 mono: the seed's sentence spoken by espeak-ng, zero-padded or cut."""
     from wanmoe import media
 
-    exe = shutil.which("espeak-ng") or shutil.which("espeak")
-    if exe is None:
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng); it is needed for speech clips")
     rng = np.random.default_rng([int(seed), 0x5EED])
     voice = f"en+{_VARIANTS[int(rng.integers(len(_VARIANTS)))]}"
     speed, pitch, lead = int(rng.integers(120, 176)), int(rng.integers(30, 71)), float(rng.uniform(0.0, 0.4))
     with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "s.wav"
-        subprocess.run([exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(wav), espeak_sentence(seed)],
-                       check=True, capture_output=True)
+        wav = espeak_wav(espeak_sentence(seed), Path(tmp) / "s.wav", voice=voice, speed=speed, pitch=pitch)
         audio = media.read_audio(wav, sr=sr)
     n = int(round(seconds * sr))
     audio = np.concatenate([np.zeros(int(lead * sr), np.float32), audio.astype(np.float32)])[:n]

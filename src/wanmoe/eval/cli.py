@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,19 +39,11 @@ SETUPS: dict[str, tuple[str, list[str]]] = {
 DROPPED = 3  # frames the first clip loses (wan/speech2video.py)
 
 
-def espeak_wav(text: str, path: Path) -> Path:
-    """Real speech from espeak-ng (Debian package); raises with a clear message when it is missing."""
-    exe = shutil.which("espeak-ng") or shutil.which("espeak")
-    if exe is None:
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng); it provides the real-speech sample")
-    subprocess.run([exe, "-s", "140", "-w", str(path), text], check=True, capture_output=True)
-    return path
-
-
 def held_out_cases(n: int, frames: int, speech: bool, work: Path) -> list[dict]:
     """Write each case's reference PNG and audio WAV; keep the ground truth for scoring."""
     from wanmoe import media
     from wanmoe.data.avatar import make_sample, render_from_audio, sample_params, split_seeds
+    from wanmoe.data.espeak import espeak_wav
 
     cases = []
     for seed in split_seeds("heldout", n):
