@@ -44,3 +44,15 @@ def test_mouth_follows_the_audio_on_heldout_audio(results):
     assert -1.0 <= two["sync_speech"] <= 1.0
     # It is this audio that drives the mouth: against another case's envelope the same frames score near 0.
     assert abs(two["sync_other"]) < 0.3 and two["sync"] - two["sync_other"] > 0.4, (two["sync"], two["sync_other"])
+
+
+def test_speech_samples_are_held_out_and_bounded(tmp_path):
+    from wanmoe.data.espeak import WORDS
+
+    # The real-speech eval sentences are written by hand: not strings of training words only.
+    for text, _ in eval_cli.SPEECH_CASES:
+        words = [w.strip(".,").lower() for w in text.split()]
+        assert any(w not in WORDS for w in words), text
+    assert len({t for t, _ in eval_cli.SPEECH_CASES}) == len(eval_cli.SPEECH_CASES)
+    with pytest.raises(SystemExit):
+        eval_cli.main(["--speech", str(len(eval_cli.SPEECH_CASES) + 1), "--out", str(tmp_path)])
