@@ -262,9 +262,9 @@ def test_loader_errors_are_clear_and_repeatable(tiny_ckpt, tmp_path):
     shaped = _save({**sd, "conv2.weight": torch.zeros(16, 16, 1, 1, 2)}, tmp_path / "shape.pth")
     code = _save({"model": _Payload(), **sd}, tmp_path / "code.pth")
     cases = [
-        (missing, "1 missing keys: decoder.head.2.weight"),
-        (extra, "1 unexpected keys: encoder.bogus"),
-        (shaped, r"1 shape mismatches: conv2.weight: file \(16, 16, 1, 1, 2\) vs model \(16, 16, 1, 1, 1\)"),
+        (missing, r"missing keys \(1\): decoder.head.2.weight"),
+        (extra, r"unexpected keys \(1\): encoder.bogus"),
+        (shaped, r"wrong shapes \(1\): conv2.weight: file \(16, 16, 1, 1, 2\) vs model \(16, 16, 1, 1, 1\)"),
         (code, "pickled Python objects"),
     ]
     for path, msg in cases:
@@ -272,7 +272,7 @@ def test_loader_errors_are_clear_and_repeatable(tiny_ckpt, tmp_path):
             with pytest.raises(ValueError, match=msg):
                 load_wan21_vae(path, VAE_TINY)
     # Wrong config for a valid file: all mismatches reported together.
-    with pytest.raises(ValueError, match="shape mismatches"):
+    with pytest.raises(ValueError, match="wrong shapes"):
         load_wan21_vae(good, dataclasses.replace(VAE_TINY, dim=16))
     with pytest.raises(FileNotFoundError):
         load_wan21_vae(tmp_path / "nope.pth", VAE_TINY)

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from wanmoe.models.dit import DiT, DiTConfig
 from wanmoe.models.s2v import S2VConfig
+from wanmoe.models.state_check import first_items, mismatch_report
 from wanmoe.models.vae import VAE21, VAEConfig, WanVAE, load_wan21_vae
 
 __all__ = [
@@ -204,12 +205,6 @@ def _shard_keys(path: Path) -> list[str]:
         raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file ({e})") from e
 
 
-def _first(items: Iterable[str], n: int = 10) -> str:
-    items = sorted(items)
-    more = f", ... (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
 def find_weight_files(folder: str | os.PathLike) -> WeightFiles:
     """Locate and cross-check the weight files of an official DiT folder (no tensor data is read)."""
     folder = Path(folder)
@@ -238,8 +233,8 @@ def find_weight_files(folder: str | os.PathLike) -> WeightFiles:
         in_file = set(_shard_keys(folder / name))
         in_index = {k for k, v in weight_map.items() if v == name}
         if in_file != in_index:
-            problems.append(f"{name}: keys in the file but not the index [{_first(in_file - in_index, 5)}], "
-                            f"in the index but not the file [{_first(in_index - in_file, 5)}]")
+            problems.append(f"{name}: keys in the file but not the index [{first_items(in_file - in_index, 5)}], "
+                            f"in the index but not the file [{first_items(in_index - in_file, 5)}]")
     if problems:
         raise ValueError(f"shards disagree with {index}:\n  " + "\n  ".join(problems))
     return WeightFiles(folder, tuple(folder / n for n in names), {k: folder / v for k, v in weight_map.items()},
@@ -283,24 +278,8 @@ def _check_total_size(index: Path, sd: Mapping[str, Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------- meta loading
 
 
-def _mismatch_report(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = expected.keys() - shapes.keys()
-    unexpected = shapes.keys() - expected.keys()
-    wrong = [f"{k}: file {shapes[k]} vs model {expected[k]}"
-             for k in sorted(expected.keys() & shapes.keys()) if shapes[k] != expected[k]]
-    lines = []
-    if missing:
-        lines.append(f"missing keys ({len(missing)}): {_first(missing)}")
-    if unexpected:
-        lines.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected)}")
-    if wrong:
-        lines.append(f"wrong shapes ({len(wrong)}): " + "; ".join(wrong[:10]) + (" ..." if len(wrong) > 10 else ""))
-    return lines
-
-
 def _check_matches(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
-    problems = _mismatch_report(model, shapes)
+    problems = mismatch_report({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes)
     if problems:
         raise ValueError(f"weights in {source} do not match the model:\n  " + "\n  ".join(problems))
 
@@ -312,7 +291,7 @@ def load_into_meta_model(model: nn.Module, sd: Mapping[str, Tensor], *, source: 
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         # Non-persistent buffers are not in any file; the module must rebuild them itself.
-        raise ValueError(f"{type(model).__name__} still has meta tensors after loading {source}: {_first(left)}")
+        raise ValueError(f"{type(model).__name__} still has meta tensors after loading {source}: {first_items(left)}")
     return model
 
 

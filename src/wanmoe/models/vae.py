@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from wanmoe.models.state_check import mismatch_report
 from wanmoe.models.vae_blocks import Cache, CausalConv3d, Decoder, Encoder
 
 # Per-channel latent statistics of the released Wan2.1 VAE (wan/modules/vae2_1.py, Wan2_1_VAE.__init__).
@@ -214,27 +215,10 @@ def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
 
 def _check_keys(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], path: Path) -> None:
     """Raise one ValueError listing every missing/unexpected key and shape mismatch (before anything loads)."""
-
-    def show(items: list[str]) -> str:
-        head = ", ".join(items[:8])
-        return head + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
-
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(got))
-        if got[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {show(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {show(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {show(mismatched)}")
+    problems = mismatch_report({k: tuple(v.shape) for k, v in expected.items()},
+                               {k: tuple(v.shape) for k, v in got.items()})
     if problems:
-        raise ValueError(f"{path} does not match the VAE config: " + "; ".join(problems))
+        raise ValueError(f"{path} does not match the VAE config:\n  " + "\n  ".join(problems))
 
 
 def load_wan21_vae(
