@@ -56,7 +56,7 @@ def test_help_lists_every_flag_with_default(cmd):
         assert "default" in blocks[flag], f"--{flag} help shows no default: {blocks[flag]!r}"
     assert "(default: -1)" in blocks["base_seed"]
     assert "(default: unipc)" in blocks["sample_solver"]
-    assert "(default: 1.0)" in blocks["motion_scale"]
+    assert "(default: None)" in blocks["motion_scale"] and "s2v-mini: 2.0" in blocks["motion_scale"]
 
 
 def test_console_script_target_imports():

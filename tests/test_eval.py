@@ -15,7 +15,7 @@ from wanmoe.pipeline import ASSETS
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     assert shutil.which("espeak-ng") or shutil.which("espeak"), "espeak-ng is required (CI installs it)"
-    assert eval_cli.main(["--n", "3", "--setups", "two,one", "--speech", "--out", str(out)]) == 0
+    assert eval_cli.main(["--n", "3", "--setups", "two,one", "--speech", "6", "--out", str(out)]) == 0
     assert (out / "report.md").is_file() and (out / "metrics.png").is_file()
     return json.loads((out / "results.json").read_text())["rows"]
 
@@ -36,12 +36,12 @@ def test_two_experts_beat_one_on_psnr_and_ssim(results):
 
 
 def test_mouth_follows_the_audio_on_heldout_audio(results):
-    # Issue 5's target on held-out audio: audio-mouth sync >= 0.5 at lag 0. (On espeak-ng speech the shipped
-    # model reaches about 0.27, short of the target; docs/results.md. It is measured here, not asserted.)
+    # Issue 5's target: audio-mouth sync >= 0.5 at lag 0, on held-out audio and on real synthesized speech (the
+    # mean over six espeak-ng sentences no training clip speaks; the weakest is lower, docs/results.md).
     two = results["two"]
     assert two["gt_sync"] > 0.9  # the metric sees the ground truth's mouth follow the audio
     assert two["sync"] >= 0.5, two["sync"]
-    assert -1.0 <= two["sync_speech"] <= 1.0
+    assert two["sync_speech"] >= 0.5, (two["sync_speech"], two["sync_speech_min"])
     # It is this audio that drives the mouth: against another case's envelope the same frames score near 0.
     assert abs(two["sync_other"]) < 0.3 and two["sync"] - two["sync_other"] > 0.4, (two["sync"], two["sync_other"])
 

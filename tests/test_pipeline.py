@@ -176,3 +176,16 @@ def test_expert_spec_from_flags_any_expert_count():
         expert_spec(four, threshold=-2.0)
     with pytest.raises(ValueError, match="single expert"):
         expert_spec(PRESETS["s2v-tiny"], boundary=0.9)
+
+
+def test_motion_scale_default_comes_from_the_task():
+    from wanmoe.cli import build_parser
+    from wanmoe.configs import PRESETS
+    from wanmoe.pipeline import request_from_args
+
+    def req(task: str, *extra: str):  # noqa: ANN202
+        return request_from_args(build_parser().parse_args(["generate", "--task", task, *extra]), PRESETS[task])
+
+    assert PRESETS["s2v-mini"].motion_scale == 2.0 and req("s2v-mini").motion_scale == 2.0
+    assert req("s2v-mini", "--motion_scale", "1").motion_scale == 1.0
+    assert req("s2v-14B").motion_scale == 1.0  # the official task keeps plain conditioning

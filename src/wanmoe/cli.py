@@ -84,8 +84,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     ours.add_argument("--noise_schedule", default="linear", choices=["linear", "cosine"], help="sigma spacing")
     ours.add_argument("--guidance_scale", type=_guidance, default=None,
                       help="CFG scale: one value, or per expert as high=4.0,low=3.0 (overrides --sample_guide_scale)")
-    ours.add_argument("--motion_scale", type=float, default=1.0,
-                      help="s2v: audio guidance; 1 = plain conditioning, >1 strengthens audio motion, 0 removes it")
+    ours.add_argument("--motion_scale", type=float, default=None,
+                      help="s2v: audio guidance; 1 = plain conditioning, >1 strengthens audio motion, 0 removes it; "
+                           "None = the task's (1.0; s2v-mini: 2.0)")
     ours.add_argument("--cfg_parallel", action="store_true",
                       help="run the conditional and unconditional passes on two rank groups (world = 2 x ulysses_size)")
     ours.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")

@@ -186,7 +186,7 @@ def request_from_args(args, cfg: PipelineConfig, *, world: int = 1) -> Request: 
         # Refuse rather than silently ignore: a t2v/i2v run has no audio, clips or motion frames to apply these to.
         given = {"--audio": args.audio, "--pose_video": args.pose_video, "--num_clip": args.num_clip,
                  "--infer_frames": args.infer_frames, "--start_from_ref": args.start_from_ref,
-                 "--motion_scale": args.motion_scale != 1.0}
+                 "--motion_scale": args.motion_scale is not None}
         bad = [flag for flag, v in given.items() if v not in (None, False)]
         if bad:
             raise ValueError(f"{', '.join(bad)} only apply to s2v tasks, not {cfg.task}")
@@ -205,7 +205,8 @@ def request_from_args(args, cfg: PipelineConfig, *, world: int = 1) -> Request: 
         task=cfg.task, prompt=args.prompt or cfg.example_prompt, neg_prompt=cfg.neg_prompt, size=size,
         frame_num=frame_num, seed=seed, steps=steps, shift=shift,
         solver=args.sample_solver, guide_scale=scales, experts=spec, noise_schedule=args.noise_schedule,
-        motion_scale=args.motion_scale, num_clip=args.num_clip, infer_frames=infer_frames,
+        motion_scale=cfg.motion_scale if args.motion_scale is None else args.motion_scale,
+        num_clip=args.num_clip, infer_frames=infer_frames,
         start_from_ref=args.start_from_ref, image=args.image, audio=args.audio, pose_video=args.pose_video,
         ckpt_dir=args.ckpt_dir, device=device,
         # Official default: offload on one process only; FSDP experts must stay resident (loading.py enforces it).

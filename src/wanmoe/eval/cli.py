@@ -36,6 +36,8 @@ SETUPS: dict[str, tuple[str, list[str]]] = {
     "two-dpm++": ("", ["--sample_solver", "dpm++"]),
     "two-audio2": ("", ["--motion_scale", "2"]),
     "one-audio2": ("single_expert", ["--motion_scale", "2"]),
+    "two-audio1": ("", ["--motion_scale", "1"]),
+    "one-audio1": ("single_expert", ["--motion_scale", "1"]),
 }
 DROPPED = 3  # frames the first clip loses (wan/speech2video.py)
 # Real-speech eval samples: (sentence, espeak-ng voice). Written by hand, so none is a training sentence
