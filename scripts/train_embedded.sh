@@ -10,6 +10,17 @@ MIN=${MIN:-42}            # minutes per expert and round (the three run side by 
 STEPS=${STEPS:-2400}
 STEPS2=${STEPS2:-3000}
 train() { python -m wanmoe.train.cli "$@"; }
+# continue_experts OUT INIT STEPS MINUTES LR LATENTS EXPERT...: each expert continues from INIT/experts/<e>.pt
+# (EMA weights) with the lip-region loss, side by side, one thread each.
+continue_experts() {
+  local out=$1 init=$2 steps=$3 minutes=$4 lr=$5 latents=$6 e
+  shift 6
+  for e in "$@"; do
+    train expert --out "$out" --expert "$e" --steps "$steps" --max_minutes "$minutes" --threads 1 --quiet \
+      --lr "$lr" --init "$init/experts/$e.pt" --mouth_weight 1 --latents "$latents" &
+  done
+  wait
+}
 
 # Round 1. VAE: short clips first (fast), then longer clips so late frames of a 4 s clip decode well.
 train clips --out "$OUT" --n 240
@@ -28,49 +39,31 @@ ln -sfn "$(realpath "$OUT/clips.pt")" "$OUT2/clips.pt"
 [ -f "$OUT2/vae/vae_ckpt.pt" ] || cp "$OUT/vae/vae_ckpt.pt" "$OUT2/vae/"
 train vae --out "$OUT2" --threads 2 --phases "4000:69:48:1:3e-4:mouth"
 train latents --out "$OUT2" --n 160 --threads 2
-for e in high low dense; do
-  train expert --out "$OUT2" --expert "$e" --steps "$STEPS2" --max_minutes "$MIN" --threads 1 --quiet --lr 3e-4 \
-    --init "$OUT/experts/$e.pt" --mouth_weight 1 &
-done
-wait
+continue_experts "$OUT2" "$OUT" "$STEPS2" "$MIN" 3e-4 "$OUT2/latents.pt" high low dense
 
 # Round 3: real espeak-ng speech. 48 speech clips (seeds 500000+), encoded with the round-2 VAE; the three
 # models continue 700 steps on the procedural + speech latents.
 OUT3=${OUT3:-runs/v3}
 SP3=${SP3:-runs/v3sp}
 SP4=${SP4:-runs/v4sp}
-mkdir -p "$OUT3" "$SP3" "$SP4"
-for d in "$OUT3" "$SP3" "$SP4"; do ln -sfn "$(realpath "$OUT2/vae")" "$d/vae"; done
+OUT4=${OUT4:-runs/v4}
+OUT5=${OUT5:-runs/v5}
+mkdir -p "$OUT3" "$SP3" "$SP4" "$OUT4" "$OUT5/experts"
+for d in "$OUT3" "$SP3" "$SP4" "$OUT4" "$OUT5"; do ln -sfn "$(realpath "$OUT2/vae")" "$d/vae"; done
 train clips --out "$SP3" --speech espeak --n 48 --start 500000 --threads 2
 train latents --out "$SP3" --n 48 --threads 2
-for e in high low dense; do
-  train expert --out "$OUT3" --expert "$e" --steps 700 --max_minutes 10 --threads 1 --quiet --lr 1.5e-4 \
-    --init "$OUT2/experts/$e.pt" --mouth_weight 1 --latents "$OUT2/latents.pt,$SP3/latents.pt" &
-done
-wait
+continue_experts "$OUT3" "$OUT2" 700 10 1.5e-4 "$OUT2/latents.pt,$SP3/latents.pt" high low dense
 
 # Round 4: 240 more speech clips (seeds 510000+); the three models continue about 2560 steps (42 min) on
 # 160 procedural + 288 speech clips.
-OUT4=${OUT4:-runs/v4}
 LAT="$OUT2/latents.pt,$SP3/latents.pt,$SP4/latents.pt"
-mkdir -p "$OUT4" && ln -sfn "$(realpath "$OUT2/vae")" "$OUT4/vae"
 train clips --out "$SP4" --speech espeak --n 240 --start 510000 --threads 2
 train latents --out "$SP4" --n 240 --threads 2
-for e in high low dense; do
-  train expert --out "$OUT4" --expert "$e" --steps 2600 --max_minutes 42 --threads 1 --quiet --lr 2e-4 \
-    --init "$OUT3/experts/$e.pt" --mouth_weight 1 --latents "$LAT" &
-done
-wait
+continue_experts "$OUT4" "$OUT3" 2600 42 2e-4 "$LAT" high low dense
 
 # Round 5: the low-noise expert followed real speech less well than the baseline did over the same sigmas
 # (docs/results.md), so it and the baseline continue 1800 more steps each (same data); the high-noise expert
 # is round 4's.
-OUT5=${OUT5:-runs/v5}
-mkdir -p "$OUT5/experts" && ln -sfn "$(realpath "$OUT2/vae")" "$OUT5/vae"
-for e in low dense; do
-  train expert --out "$OUT5" --expert "$e" --steps 1800 --max_minutes 31 --threads 1 --quiet --lr 1.5e-4 \
-    --init "$OUT4/experts/$e.pt" --mouth_weight 1 --latents "$LAT" &
-done
-wait
+continue_experts "$OUT5" "$OUT4" 1800 31 1.5e-4 "$LAT" low dense
 cp -n "$OUT4/experts/high.pt" "$OUT5/experts/high.pt"
 train export --out "$OUT5" --dest src/wanmoe/assets/s2v-mini
