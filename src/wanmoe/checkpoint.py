@@ -326,15 +326,10 @@ def load_dit(
 
 
 def _fp32_predicate(model: nn.Module) -> Callable[[str], bool] | None:
-    """Keys under the model's `_keep_in_fp32_modules` (diffusers' storage convention) keep their stored dtype.
+    """Keys the numerics policy keeps out of a dtype cast (the model's FP32_MODULES) keep their stored dtype."""
+    from wanmoe.numerics import fp32_predicate  # torch-only module; imported here to keep this edit local
 
-    DiT.FP32_MODULES is a compute policy (explicit .float() casts), not a storage one: the official loaders
-    cast every parameter to bf16 (S2V torch_dtype=bf16, --convert_model_dtype), so by default so do we.
-    """
-    names = tuple(getattr(model, "_keep_in_fp32_modules", ()) or ())
-    if not names:
-        return None
-    return lambda key: any(key == n or key.startswith(n + ".") or f".{n}." in f".{key}" for n in names)
+    return fp32_predicate(model)
 
 
 # ---------------------------------------------------------------------------------------------- saving
