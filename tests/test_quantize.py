@@ -1,4 +1,4 @@
-"""Weight-only int8: accuracy against float Linear, structure, bytes, safetensors round trip."""
+"""Weight-only int8: accuracy against float Linear, structure, bytes, safetensors round trip, no dequantization."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from wanmoe.memory.offload import cast_
 from wanmoe.memory.quantize import (
     Int8Linear,
     load_quantized,
@@ -16,10 +15,11 @@ from wanmoe.memory.quantize import (
     save_quantized,
     weight_bytes,
 )
+from wanmoe.numerics import cast_
 
 
 class Block(nn.Module):
-    _keep_in_fp32_modules = ("norm_proj",)
+    FP32_MODULES = ("norm_proj",)
 
     def __init__(self, d: int = 64, h: int = 256) -> None:
         super().__init__()
@@ -142,3 +142,42 @@ def test_tiny_dit_int8_close_and_fp32_modules_untouched():
     with torch.no_grad():  # bf16 compute path (--convert_model_dtype) on top of int8 weights
         out16 = cast_(model, torch.bfloat16)(x, t, ctx)
     assert out16.dtype == torch.float32 and psnr(out16, ref) > 25
+
+
+def test_int8_linear_scales_the_output_without_a_float_weight(monkeypatch):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    q = Int8Linear.from_linear(lin)
+    assert not hasattr(q, "weight")  # no property that dequantizes on read
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, q.dequantize(torch.float32), q.bias)
+        monkeypatch.setattr(Int8Linear, "dequantize", lambda *a, **k: pytest.fail("forward dequantized"))
+        got = q(x)
+        got16 = q.to(torch.bfloat16)(x.bfloat16())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # same math, output scaled instead of weight
+    assert got16.dtype == torch.bfloat16 and q.weight_scale.dtype == torch.float32
+    assert (got16.float() - want).norm() / want.norm() < 1e-2
+
+
+@pytest.mark.parametrize("preset", ["t2v-a14b-tiny", "s2v-14b-tiny"])
+def test_int8_dit_forward_never_dequantizes(monkeypatch, preset):
+    from wanmoe.models.dit import DIT_PRESETS, DiT, S2VInputs
+
+    torch.manual_seed(0)
+    cfg = DIT_PRESETS[preset]
+    model = quantize_(DiT(cfg).eval())
+    calls = []
+    original = Int8Linear.dequantize
+    monkeypatch.setattr(Int8Linear, "dequantize", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    x, t, ctx = torch.randn(1, 16, 2, 8, 8), torch.tensor([700.0]), torch.randn(1, 4, cfg.text_dim)
+    kw = {}
+    if cfg.s2v is not None:
+        s = cfg.s2v
+        kw["s2v"] = S2VInputs(torch.randn(1, s.num_audio_layers, s.audio_dim, 8), torch.randn(1, 16, 1, 8, 8),
+                              torch.randn(1, 16, 19, 8, 8))
+    with torch.no_grad():
+        out = model(x, t, ctx, **kw)
+        out16 = cast_(model, torch.bfloat16)(x, t, ctx, **kw)  # the --convert_model_dtype path too
+    assert len(quantized_names(model)) > 10
+    assert calls == [] and out.isfinite().all() and out16.isfinite().all()

@@ -12,11 +12,13 @@ and the dtype the pipeline computes in on each device. The loader, `cast_`, int8
    as the official `model.to(param_dtype)`. The official code also rounds the fp32 modules to bf16 and then
    computes them in fp32 under autocast; keeping their stored fp32 values skips that rounding for 0.37 GB
    per A14B expert (1.3 % of its bf16 bytes; S2V-14B 0.56 GB). Without it, the stored dtype is kept on an
-   accelerator (official A14B shards are fp32) and everything is fp32 on the CPU (small models ship bf16).
+   accelerator (official A14B shards are fp32) and the rest is upcast to fp32 on the CPU (the small models
+   ship bf16; their fp32 modules stay bf16-stored, which changes no value: they compute in fp32 anyway).
 3. **Compute dtype.** The dtype the pipeline hands the DiT its inputs in (latents, text context,
-   conditioning): fp32 on the CPU always (fp32 GEMMs there are the portable fast path and exact), bf16 on an
-   accelerator when converting, otherwise fp32. Inside, the DiT casts activations to its weight dtype at each
-   layer and keeps the fp32 modules, norms, modulation and the residual stream in fp32.
+   conditioning): fp32 on the CPU always (bf16 GEMMs are fast only on CPUs with AMX/AVX512-BF16, and even
+   there a tiny-DiT forward measured 1.25x slower in bf16), bf16 on an accelerator when converting, else
+   fp32. Inside, the DiT casts activations to its weight dtype at each layer and keeps the fp32 modules,
+   norms, modulation and the residual stream in fp32.
 
 No tensor axes are manipulated here.
 """

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["POLICIES", "ExpertPool", "OffloadFlags", "policy_from_flags", "with_dtype", "apply_precision", "cast_"]
+from wanmoe.numerics import cast_
+
+__all__ = ["POLICIES", "ExpertPool", "OffloadFlags", "policy_from_flags", "with_dtype", "apply_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ class OffloadFlags:
     offload_model: keep idle models off the compute device (experts swap at the boundary, the text
         encoder and the experts leave the device after use). Official default: True on one process.
     t5_cpu: the text encoder runs on the CPU and only its output moves to the device.
-    convert_model_dtype: cast the DiT weights to the param dtype (bf16) instead of keeping the stored fp32.
+    convert_model_dtype: cast the DiT weights to the param dtype (bf16) instead of keeping the stored fp32
+        (what that casts and what it leaves in fp32: `wanmoe.numerics`).
     """
 
     offload_model: bool = True
@@ -71,33 +74,8 @@ def policy_from_flags(offload_model: bool | None, *, world_size: int = 1, free: 
     return "free" if free else "offload"
 
 
-def cast_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating parameters and buffers to dtype in place, except the model's declared fp32 modules.
-
-    This is `--convert_model_dtype` (official: `model.to(param_dtype)`), made to respect the numerics policy a
-    model declares in `_keep_in_fp32_modules` / `FP32_MODULES` (STYLE.md 13). Integer tensors (int8 weights)
-    are untouched.
-    """
-    from wanmoe.memory.quantize import _under, fp32_module_names
-
-    keep = fp32_module_names(model)
-    for name, mod in model.named_modules():
-        if _under(name, keep):
-            continue
-        if hasattr(mod, "compute_dtype"):
-            mod.compute_dtype = dtype  # Int8Linear: dequantize into the new dtype
-        for pname, p in list(mod.named_parameters(recurse=False)):
-            if p.is_floating_point() and p.dtype != dtype:
-                setattr(mod, pname, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
-        for bname, b in list(mod.named_buffers(recurse=False)):
-            # A module may pin a buffer's dtype (Int8Linear keeps its scales fp32) by listing it here.
-            if b is not None and b.is_floating_point() and bname not in getattr(mod, "_keep_fp32_buffers", ()):
-                mod._buffers[bname] = b.to(dtype)
-    return model
-
-
 def with_dtype(loader: Loader, dtype: torch.dtype | None) -> Loader:
-    """A loader that casts what `loader` returns to dtype (None: keep the stored dtype)."""
+    """A loader that casts what `loader` returns to dtype by `numerics.cast_` (None: keep the stored dtype)."""
     if dtype is None:
         return loader
 
@@ -108,7 +86,7 @@ def with_dtype(loader: Loader, dtype: torch.dtype | None) -> Loader:
 
 
 def apply_precision(loaders: Mapping[str, Loader], dtypes: Mapping[str, torch.dtype | None]) -> dict[str, Loader]:
-    """Per-expert precision by name, e.g. {"high": torch.bfloat16, "low": torch.float32}."""
+    """Per-expert precision by name, e.g. {"high": torch.bfloat16, "low": torch.float32} (numerics.cast_ each)."""
     unknown = sorted(set(dtypes) - set(loaders))
     if unknown:
         raise ValueError(f"precision given for unknown experts {unknown}; experts: {sorted(loaders)}")

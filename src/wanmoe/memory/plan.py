@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from wanmoe.memory.offload import OffloadFlags, cast_
+from wanmoe import numerics
+from wanmoe.memory.offload import OffloadFlags
 
 __all__ = ["LiveBytes", "MemoryPlan", "plan_memory", "official_peak_gb", "OFFICIAL_1GPU_GB", "main"]
 
@@ -170,9 +171,10 @@ def plan_memory(cfg, size: str, flags: OffloadFlags, *, frames: int | None = Non
     w, h = (int(v) for v in size.split("*"))
     if frames is None:
         frames = cfg.infer_frames + 1 if cfg.modality == "s2v" else cfg.frame_num
-    dit_dtype = torch.bfloat16 if flags.convert_model_dtype else torch.float32  # official shards are fp32
+    # The loader's dtype for a GPU (numerics.weight_dtype); None keeps the stored dtype: official shards are fp32.
+    dit_dtype = numerics.weight_dtype("cuda", flags.convert_model_dtype) or torch.float32
     with torch.device("meta"):
-        dit = cast_(DiT(cfg.dit), dit_dtype)
+        dit = numerics.cast_(DiT(cfg.dit), dit_dtype)  # the fp32 modules stay fp32, as the loader keeps them
         vae = WanVAE(cfg.vae)  # fp32, as official
         text = _text_encoder(cfg)
     weights = {f"expert:{n}": _bytes(dit) for n in cfg.experts}

@@ -3,8 +3,12 @@
 `quantize_(model, "int8")` swaps every `nn.Linear` (minus `skip`) for an `Int8Linear` holding an int8 weight
 (O, I) and one float32 scale per output channel (O,), symmetric absmax: w ~= q * s, s = max|w_row| / 127
 (the per-channel weight-only scheme of LLM.int8() / torchao `int8_weight_only`, without outlier handling).
-Activations stay in floating point; the weight is dequantized to the compute dtype inside forward (float32 on
-the CPU, where bf16 matmuls are slow and less exact). Quantized models save and load with safetensors:
+Activations stay in floating point and the layer computes in the input's dtype, as gpt-fast's
+`WeightOnlyInt8Linear`: `F.linear(x, qweight.to(x.dtype)) * scale + bias`. The scale multiplies the (..., O)
+output, so no dequantized (O, I) weight is built and multiplied out. There is no `.weight`: code that needs a
+model's float dtype reads a tensor int8 never replaces (see models/dit.py); `dequantize(dtype)` is the explicit
+way to get the float weight (tests count its calls). Which modules are never quantized is the numerics
+policy's answer (`wanmoe.numerics`: the model's `FP32_MODULES`). Quantized models save and load with safetensors:
 keys `<name>.qweight` (int8) and `<name>.weight_scale` (float32) next to the unchanged float tensors, with the
 quantized module names in the file metadata so a meta-built model can be re-quantized structurally and
 loaded strictly with `assign=True`.
@@ -26,42 +30,26 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-__all__ = ["Int8Linear", "fp32_module_names", "quantize_", "quantized_state_dict", "save_quantized", "load_quantized",
+from wanmoe.numerics import fp32_predicate
+
+__all__ = ["Int8Linear", "quantize_", "quantized_state_dict", "save_quantized", "load_quantized",
            "quantized_names", "weight_bytes", "QUANT_KEY"]
 
 QUANT_KEY = "wanmoe_quant"  # safetensors metadata: {"mode": "int8", "modules": [...]}
 MODES = ("int8",)
 
 
-def fp32_module_names(model: nn.Module) -> tuple[str, ...]:
-    """Submodules a model declares numerically sensitive (STYLE.md 13): never quantized, never down-cast."""
-    names: list[str] = []
-    for attr in ("_keep_in_fp32_modules", "FP32_MODULES"):
-        names += list(getattr(model, attr, ()) or ())
-    return tuple(names)
-
-
-def _under(name: str, roots: Iterable[str]) -> bool:
-    return any(name == k or name.startswith(k + ".") or f".{k}." in f".{name}." for k in roots)
-
-
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W = qweight * weight_scale[:, None]; qweight int8 (O, I), weight_scale float32 (O,).
-
-    `.weight` is a read-only property that returns the dequantized (O, I) weight in `compute_dtype`, so code
-    written against nn.Linear (`layer.weight.dtype`, `F.linear(x, layer.weight.float())`) keeps working; it
-    costs one dequantization per read, the same as forward.
-    """
+    """y = (x q^T) * weight_scale + b, q = qweight int8 (O, I), weight_scale float32 (O,); W ~= q * scale[:, None]."""
 
     # cast_ and model.to(dtype) must not round the scales to bf16: a 0.4% per-row gain error would be
-    # comparable to the whole int8 rounding error.
+    # comparable to the whole int8 rounding error (wanmoe.numerics reads this attribute).
     _keep_fp32_buffers = ("weight_scale",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.compute_dtype = dtype  # the float dtype the layer had; follows model.to(dtype) / cast_
         # Buffers, not Parameters: int8 tensors cannot take gradients and must not reach an optimizer.
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
@@ -81,31 +69,26 @@ class Int8Linear(nn.Module):
             q.bias.data.copy_(lin.bias.detach())
         return q
 
-    @property
-    def weight(self) -> Tensor:
-        return self.dequantize(self.compute_dtype)
-
-    def dequantize(self, dtype: torch.dtype) -> Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float (O, I) weight: for tests and tools only, forward never builds it."""
         return self.qweight.to(dtype) * self.weight_scale.to(dtype)[:, None]  # (O, I)
 
     def forward(self, x: Tensor) -> Tensor:
-        # float32 matmul on the CPU (bf16 GEMMs there are slow and round more); the input's dtype elsewhere.
-        cdt = torch.float32 if x.device.type == "cpu" else x.dtype
-        bias = None if self.bias is None else self.bias.to(cdt)
-        return F.linear(x.to(cdt), self.dequantize(cdt), bias).to(x.dtype)  # (..., L, O)
+        # int8 -> x.dtype is exact (|q| <= 127 fits bf16's 8-bit significand); the matmul runs in x.dtype.
+        y = F.linear(x, self.qweight.to(x.dtype))  # (..., L, O)
+        # Scale the output in place: the product is formed in fp32 (scales stay fp32) and rounded once into y.
+        y.mul_(self.weight_scale)
+        return y if self.bias is None else y.add_(self.bias)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int8Linear:
         scale = self.weight_scale
-        # Probe what fn does to a float tensor to learn the new compute dtype (to(dtype), half(), ...).
-        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype, device=scale.device)).dtype
         super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:  # a dtype cast: keep fp32, follow only the device
+        if self.weight_scale.dtype != torch.float32:  # a dtype cast (to(bf16), half()): follow only the device
             self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
         return self
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"compute_dtype={self.compute_dtype}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 @torch.no_grad()
@@ -133,12 +116,12 @@ def quantize_(model: nn.Module, mode: str = "int8", *,
 
     skip: glob patterns / name prefixes (e.g. ["head.*", "time_embedding.*"]) or a predicate(name, module).
     only: if given, exactly these module names are quantized (used when loading a quantized file).
-    Works on meta-device models (structure only). Modules the model lists in `_keep_in_fp32_modules` or
-    `FP32_MODULES` are never quantized: the model declared them numerically sensitive (STYLE.md 13).
+    Works on meta-device models (structure only). Modules the numerics policy keeps fp32 (the model's
+    `FP32_MODULES`) are never quantized: the model declared them numerically sensitive (STYLE.md 13).
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; supported: {MODES}")
-    keep = fp32_module_names(model)
+    keep = fp32_predicate(model)
     only_set = set(only) if only is not None else None
     targets = []
     for name, mod in model.named_modules():
@@ -148,7 +131,7 @@ def quantize_(model: nn.Module, mode: str = "int8", *,
             if name in only_set:
                 targets.append(name)
             continue
-        if _under(name, keep):
+        if keep(name):
             continue
         if not _skipped(name, skip, mod):
             targets.append(name)

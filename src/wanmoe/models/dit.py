@@ -116,7 +116,8 @@ class Block(nn.Module):
     ) -> Tensor:
         # x (B, L, D) fp32 residual stream; e0 (B, Le, 6, D) fp32 with Le in {1, L} (or 2 with seg);
         # rope (1, L, D/N/2, 2); context (B, S, D) in compute dtype.
-        wd = self.ffn[0].weight.dtype
+        # The blocks' float weight dtype, read from a tensor int8 never replaces (an Int8Linear has no .weight).
+        wd = self.modulation.dtype
         mod = self.modulation.float() + e0  # (B, Le, 6, D): modulation table stays fp32
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (_pick(m, seg) for m in mod.unbind(2))
         h = self.norm1(x) * (1 + scale_sa) + shift_sa
@@ -149,6 +150,8 @@ class DiT(nn.Module):
     # residual stream and gated adds, the head, and the S2V audio encoder. Linears/convs/attention run in the
     # parameter dtype. RoPE angles are built in float64; ROPE_DTYPE is the dtype the rotation is applied in
     # (the reference uses float64; fp32 differs by ~1e-7 relative and avoids fp64 work on GPUs every step).
+    # FP32_MODULES is the one declaration wanmoe.numerics reads: a dtype conversion (--convert_model_dtype, the
+    # checkpoint loader, the planner) leaves these submodules' tensors as stored and int8 never quantizes them.
     FP32_MODULES = ("time_embedding", "time_projection", "head", "casual_audio_encoder")
     ROPE_DTYPE = torch.float32
 
@@ -206,7 +209,7 @@ class DiT(nn.Module):
         b, s, c = context.shape
         if c != self.cfg.text_dim or s > self.cfg.text_len:
             raise ValueError(f"context must be (B, S<={self.cfg.text_len}, {self.cfg.text_dim}); got {(b, s, c)}")
-        wd = self.text_embedding[0].weight.dtype
+        wd = self.patch_embedding.weight.dtype  # the conv is never quantized; the text MLP may be int8
         # Zero-pad to text_len: cross-attention is unmasked over all text_len positions, as in the reference.
         ctx = torch.nn.functional.pad(context.to(wd), (0, 0, 0, self.cfg.text_len - s))  # (B, text_len, text_dim)
         return self.text_embedding(ctx)  # (B, text_len, D)

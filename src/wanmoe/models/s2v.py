@@ -164,9 +164,9 @@ class _AdaLN(nn.Module):
         self.eps = eps
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        # x (B', n, D) fp32; cond (B', D)
-        mod = self.linear(F.silu(cond).to(self.linear.weight.dtype)).float()
+    def forward(self, x: Tensor, cond: Tensor, dtype: torch.dtype) -> Tensor:
+        # x (B', n, D) fp32; cond (B', D); dtype: the model's weight dtype (self.linear may be int8: no .weight)
+        mod = self.linear(F.silu(cond).to(dtype)).float()
         shift, scale = mod[:, None].chunk(2, dim=-1)  # (B', 1, D) each
         return F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + scale) + shift
 
@@ -287,9 +287,9 @@ def s2v_inject_audio(model: nn.Module, idx: int, x: Tensor, st: S2VState) -> Ten
     adain = model.audio_injector.injector_adain_layers[idx]
     attn = model.audio_injector.injector[idx]
     h = rearrange(x[:, :n], "b (t n) c -> (b t) n c", t=f)  # (B*F, h*w, D)
-    h = adain(h, rearrange(st.audio_global, "b t n c -> (b t) n c")[:, 0])  # (B*F, h*w, D) fp32
+    wd = model.patch_embedding.weight.dtype  # never quantized, unlike the injector's Linears
+    h = adain(h, rearrange(st.audio_global, "b t n c -> (b t) n c")[:, 0], wd)  # (B*F, h*w, D) fp32
     ctx = rearrange(st.audio_local, "b t n c -> (b t) n c")  # (B*F, G+1, D)
-    wd = attn.q.weight.dtype
     out = attn(h.to(wd), ctx.to(wd)).float()  # every frame sees all its G+1 audio tokens: no mask
     out = rearrange(out, "(b t) n c -> b (t n) c", t=f)  # (B, F*h*w, D)
     return torch.cat([x[:, :n] + out, x[:, n:]], dim=1)
