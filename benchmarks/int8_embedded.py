@@ -7,26 +7,21 @@ from __future__ import annotations
 
 import torch
 
-from wanmoe import pipeline
-from wanmoe.cli import build_parser
-from wanmoe.configs import PRESETS
+import wanmoe
 from wanmoe.eval.metrics import psnr
 from wanmoe.memory.quantize import weight_bytes
 
 
-def run(flags: list[str]) -> tuple[torch.Tensor, int]:
-    cfg = PRESETS["s2v-mini"]
-    args = build_parser().parse_args(["generate", "--base_seed", "0", "--quiet", *flags])
-    req = pipeline.request_from_args(args, cfg)
-    comps = pipeline.load_components(cfg, req)
-    res = pipeline.generate(comps, req, pipeline.read_inputs(req, cfg), progress=False)
-    return res.video, weight_bytes(comps.experts.get("high"))
+def run(int8: bool) -> tuple[torch.Tensor, int]:
+    pipe = wanmoe.load("s2v-mini", int8=int8)
+    video = pipe(seed=0)
+    return video.frames, weight_bytes(pipe.components.experts.get("high"))
 
 
 def main() -> None:
     torch.set_num_threads(2)
-    ref, b_float = run([])
-    q, b_int8 = run(["--int8"])
+    ref, b_float = run(False)
+    q, b_int8 = run(True)
     print(f"expert weight bytes: float32 {b_float}, int8 {b_int8} ({b_int8 / b_float:.3f} of fp32)")
     print(f"int8_psnr_db={psnr(q, ref):.2f}")
 

@@ -18,7 +18,7 @@ import torch
 from wanmoe.data.avatar import make_sample, split_seeds
 from wanmoe.eval import metrics as m
 from wanmoe.loading import load_small_vae
-from wanmoe.pipeline import ASSETS
+from wanmoe.configs import ASSETS
 
 
 def main() -> None:

@@ -366,8 +366,10 @@ def pipeline_parts(task: str):
     from wanmoe.configs import PRESETS
     from wanmoe.encoders.audio import MelAudioEncoder
     from wanmoe.encoders.text import ByteTextEncoder
+    from wanmoe.inputs import Inputs
     from wanmoe.models.dit import DiT
     from wanmoe.models.vae import WanVAE
+    from wanmoe.request import make_request
 
     cfg = PRESETS[task]
     if cfg.dit.s2v is not None:  # the log-mel encoder yields one feature layer
@@ -385,23 +387,11 @@ def pipeline_parts(task: str):
     comp = P.Components(
         cfg=cfg, text_encoder=text, vae=vae, experts=experts, audio_encoder=audio, device=torch.device("cpu")
     )
-    req = P.Request(
-        task=task,
-        prompt="a cat",
-        neg_prompt="blurry",
-        size=(64, 64),
-        frame_num=5,
-        seed=PIPE_SEED,
-        steps=3,
-        shift=cfg.sample_shift,
-        solver="unipc",
-        guide_scale=dict(cfg.guide_scale),
-        experts=P.expert_spec(cfg),
-        infer_frames=8,
-        num_clip=2,
-    )
+    req = make_request(cfg, prompt="a cat", negative_prompt="blurry", size=(64, 64), seed=PIPE_SEED, steps=3,
+                       solver="unipc", **({"infer_frames": 8, "num_clip": 2} if cfg.modality == "s2v"
+                                          else {"frame_num": 5}))
     g = torch.Generator().manual_seed(72)
-    inp = P.Inputs(
+    inp = Inputs(
         image=torch.rand(3, 64, 64, generator=g) * 2 - 1,
         audio=(0.1 * torch.randn(16000, generator=g)).numpy().astype(np.float32),
         sr=16000,
@@ -410,6 +400,8 @@ def pipeline_parts(task: str):
 
 
 def check_pipeline(out: dict, checks: dict) -> None:
+    import dataclasses as dc
+
     from wanmoe import pipeline as P
     from wanmoe.distributed.env import broadcast_seed
     from wanmoe.distributed.fsdp import apply_fsdp
@@ -422,14 +414,17 @@ def check_pipeline(out: dict, checks: dict) -> None:
                 _parallelise(model, st)
             if st.t5_fsdp:
                 apply_fsdp(comp.text_encoder, st)
-            req.seed = broadcast_seed(PIPE_SEED + 100 * st.rank, st)  # each rank asks its own; rank 0's wins
-            out[f"pipe_{task}_{name}"] = P.generate(comp, req, inp, progress=False).video
+            # Each rank asks its own seed; rank 0's wins.
+            req = dc.replace(req, seed=broadcast_seed(PIPE_SEED + 100 * st.rank, st))
+            out[f"pipe_{task}_{name}"] = P.generate(comp, req, inp).video
 
 
 def check_pipeline_wired(out: dict, checks: dict) -> None:
     """generate() with Components.parallel set, as the CLI wires it: CFG parallel inside pipeline.sample, and
     rank 0 alone decoding t2v (rank 1 returns an empty clip). Rank 0's video is broadcast so that every rank
     holds the same outputs; rank 1's own frame counts go to checks."""
+    import dataclasses as dc
+
     from wanmoe import pipeline as P
     from wanmoe.distributed.env import broadcast_seed
 
@@ -440,8 +435,8 @@ def check_pipeline_wired(out: dict, checks: dict) -> None:
             for model in comp.experts.values():
                 _parallelise(model, st)
             comp.parallel = st
-            req.seed = broadcast_seed(PIPE_SEED + 100 * st.rank, st)
-            video = P.generate(comp, req, inp, progress=False).video
+            req = dc.replace(req, seed=broadcast_seed(PIPE_SEED + 100 * st.rank, st))
+            video = P.generate(comp, req, inp).video
             checks[f"wired_{task}_{name}_frames"] = int(video.shape[1])
             box = [video]
             dist.broadcast_object_list(box, src=0)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from wanmoe.experts import route, task_defaults
+from wanmoe.configs import get_preset
+from wanmoe.experts import route
 from wanmoe.sampling.guidance import cfg, cfg_per_expert, per_expert_scale
 from wanmoe.sampling.schedules import flow_sigmas
 
@@ -44,7 +47,8 @@ def test_per_expert_scale() -> None:
 
 
 def test_each_expert_uses_its_own_scale_through_the_router() -> None:
-    d = task_defaults("t2v-A14B")
+    cfg = get_preset("t2v-A14B")
+    d = SimpleNamespace(experts=cfg.expert_spec(), steps=cfg.sample_steps, shift=cfg.sample_shift)
     sigmas = flow_sigmas(d.steps, d.shift)
     # cond predicts 1 and uncond 0, so the guided output equals the scale in use.
     cond = {n: (lambda x, s: torch.ones_like(x)) for n in d.experts.names}

@@ -94,12 +94,15 @@ def test_sidecar_holds_settings_seed_versions_timings(tiny_ckpt, media_dir, tmp_
     assert side["file"] == str(out)
     expected = {"prompt": "a face", "size": [64, 64], "steps": 2, "solver": "euler", "motion_scale": 0.5,
                 "infer_frames": 8, "num_clip": None, "start_from_ref": False, "noise_schedule": "linear",
-                "audio": str(media_dir / "speech.wav"), "image": str(media_dir / "ref.png"), "pose_video": None,
-                "ckpt_dir": str(tiny_ckpt("s2v-tiny")), "device": "cpu", "convert_model_dtype": False,
                 "guide_scale": {"low": 4.5}}
     assert {k: s[k] for k in expected} == expected
-    for key in ("frame_num", "shift", "neg_prompt", "experts", "offload_model", "t5_cpu", "int8"):
+    assert side["inputs"] == {"audio": str(media_dir / "speech.wav"), "image": str(media_dir / "ref.png")}
+    load = {"ckpt_dir": str(tiny_ckpt("s2v-tiny")), "device": "cpu", "convert_model_dtype": False, "int8": False}
+    assert {k: side["load"][k] for k in load} == load
+    for key in ("frame_num", "shift", "negative_prompt", "experts"):
         assert key in s, key
+    for key in ("offload_model", "t5_cpu"):
+        assert key in side["load"], key
     assert set(side["versions"]) >= {"wanmoe", "torch", "python"}
     assert side["versions"]["torch"] == torch.__version__
     t = side["timings"]
@@ -127,25 +130,14 @@ def test_sidecar_records_expert_switch(tiny_ckpt, tmp_path):
 
 def _s2v_video(tiny_ckpt, media_dir, motion_scale: float, zero_audio: bool) -> torch.Tensor:  # noqa: ANN001
     """The pipeline's S2V video (one clip) with the audio features optionally replaced by zeros."""
-    import argparse
+    import wanmoe
 
-    from wanmoe import pipeline
-    from wanmoe.cli import add_generate_args
-    from wanmoe.configs import PRESETS
-
-    cfg = PRESETS["s2v-tiny"]
-    p = argparse.ArgumentParser()
-    add_generate_args(p)
-    args = p.parse_args(["--task", "s2v-tiny", "--ckpt_dir", str(tiny_ckpt("s2v-tiny")), "--base_seed", "3",
-                         "--infer_frames", "8", "--num_clip", "1", "--motion_scale", str(motion_scale),
-                         *s2v_args(media_dir)])
-    req = pipeline.request_from_args(args, cfg)
-    inputs = pipeline.read_inputs(req, cfg)
-    comps = pipeline.load_components(cfg, req)
+    pipe = wanmoe.load(tiny_ckpt("s2v-tiny"), task="s2v-tiny")
     if zero_audio:
-        enc = comps.audio_encoder
-        comps.audio_encoder = lambda *a, **k: torch.zeros_like(enc(*a, **k))  # (K, Dm, A) of zeros
-    return pipeline.generate(comps, req, inputs, progress=False).video
+        enc = pipe.components.audio_encoder
+        pipe.components.audio_encoder = lambda *a, **k: torch.zeros_like(enc(*a, **k))  # (K, Dm, A) of zeros
+    return pipe(image=media_dir / "ref.png", audio=media_dir / "speech.wav", seed=3, infer_frames=8, num_clip=1,
+                motion_scale=motion_scale).frames
 
 
 def test_motion_scale_zero_equals_zero_audio(tiny_ckpt, media_dir):
@@ -158,34 +150,27 @@ def test_motion_scale_zero_equals_zero_audio(tiny_ckpt, media_dir):
     assert (heard - silent).abs().max() > 1e-3
 
 
-def test_expert_spec_from_flags_any_expert_count():
+def test_expert_spec_any_expert_count():
     import dataclasses
 
-    import pytest
-
     from wanmoe.configs import PRESETS
-    from wanmoe.pipeline import expert_spec
 
     two = PRESETS["t2v-tiny"]
-    assert expert_spec(two).boundary == (0.875,)
-    assert expert_spec(two, threshold=-2.0, blend=0.5).thresholds == (-2.0,)
-    # A four-expert model (the roadmap) takes its three cuts from the preset; one flag value cannot set them.
+    assert two.expert_spec().boundary == (0.875,)
+    assert two.expert_spec(threshold=-2.0, blend=0.5).thresholds == (-2.0,)
+    # A four-expert model (the roadmap) takes its three cuts from the preset; one value cannot set them.
     four = dataclasses.replace(two, experts=("high", "motion", "light", "low"), boundary=(0.95, 0.9, 0.8))
-    assert expert_spec(four).boundary == (0.95, 0.9, 0.8)
+    assert four.expert_spec().boundary == (0.95, 0.9, 0.8)
     with pytest.raises(ValueError, match="single cut between two experts"):
-        expert_spec(four, threshold=-2.0)
+        four.expert_spec(threshold=-2.0)
     with pytest.raises(ValueError, match="single expert"):
-        expert_spec(PRESETS["s2v-tiny"], boundary=0.9)
+        PRESETS["s2v-tiny"].expert_spec(boundary=0.9)
 
 
 def test_motion_scale_default_comes_from_the_task():
-    from wanmoe.cli import build_parser
     from wanmoe.configs import PRESETS
-    from wanmoe.pipeline import request_from_args
+    from wanmoe.request import make_request
 
-    def req(task: str, *extra: str):  # noqa: ANN202
-        return request_from_args(build_parser().parse_args(["generate", "--task", task, *extra]), PRESETS[task])
-
-    assert PRESETS["s2v-mini"].motion_scale == 2.0 and req("s2v-mini").motion_scale == 2.0
-    assert req("s2v-mini", "--motion_scale", "1").motion_scale == 1.0
-    assert req("s2v-14B").motion_scale == 1.0  # the official task keeps plain conditioning
+    assert PRESETS["s2v-mini"].motion_scale == 2.0 and make_request(PRESETS["s2v-mini"]).motion_scale == 2.0
+    assert make_request(PRESETS["s2v-mini"], motion_scale=1).motion_scale == 1.0
+    assert make_request(PRESETS["s2v-14B"]).motion_scale == 1.0  # the official task keeps plain conditioning

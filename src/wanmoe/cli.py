@@ -7,18 +7,29 @@ reads or writes files named by the user. Every subcommand maps to a library func
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
-import platform
+import re
+import secrets
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger("wanmoe")
+from wanmoe.api import Pipeline
+from wanmoe.configs import DEFAULT_TASK, PRESETS, get_preset
+from wanmoe.distributed.env import ParallelState, broadcast_seed, destroy_parallel, init_parallel
+from wanmoe.experts import format_table, schedule_table
+from wanmoe.inputs import read_inputs
+from wanmoe.loading import load_components
+from wanmoe.pipeline import Progress
+from wanmoe.request import InputError, make_options, make_request
+from wanmoe.sampling.schedules import SOLVERS, SPACINGS, flow_sigmas
 
-# The official size table ("W*H" -> (W, H)); our embedded task adds its own small sizes in configs.py.
-OFFICIAL_SIZES = ("720*1280", "1280*720", "480*832", "832*480", "704*1280", "1280*704", "1024*704", "704*1024")
+log = logging.getLogger("wanmoe")
 
 
 def _str2bool(v: str) -> bool:
@@ -43,8 +54,6 @@ def _guidance(v: str) -> float | dict[str, float]:
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    from wanmoe.configs import DEFAULT_TASK, PRESETS
-
     off = p.add_argument_group("official flags (generate.py of Wan2.2)")
     off.add_argument("--task", default=DEFAULT_TASK, choices=sorted(PRESETS), help="task / model preset")
     off.add_argument("--size", default=None, help="output size W*H (default: the task's default size)")
@@ -94,25 +103,32 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     ours.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def default_save_file(task: str, size: str, ulysses_size: int, prompt: str) -> str:
-    """The official default name: {task}_{size}_{ulysses}_{prompt[:50]}_{YYYYmmdd_HHMMSS}.mp4."""
+# Request / load-option keyword -> the flag a CLI user typed; error messages name the flag.
+FLAGS = {
+    "prompt": "--prompt", "negative_prompt": "--prompt", "size": "--size", "frame_num": "--frame_num",
+    "seed": "--base_seed", "steps": "--sample_steps", "shift": "--sample_shift", "solver": "--sample_solver",
+    "guide_scale": "--guidance_scale/--sample_guide_scale", "boundary": "--boundary", "threshold": "--expert_threshold",
+    "blend": "--expert_blend", "noise_schedule": "--noise_schedule", "motion_scale": "--motion_scale",
+    "num_clip": "--num_clip", "infer_frames": "--infer_frames", "start_from_ref": "--start_from_ref",
+    "image": "--image", "audio": "--audio", "pose_video": "--pose_video", "ckpt_dir": "--ckpt_dir",
+    "device": "--device", "offload_model": "--offload_model", "t5_cpu": "--t5_cpu", "int8": "--int8",
+    "convert_model_dtype": "--convert_model_dtype", "ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel",
+    "dit_fsdp": "--dit_fsdp", "t5_fsdp": "--t5_fsdp", "save_file": "--save_file", "model": "--task",
+}
+
+
+def output_dir() -> Path:
+    """Where default file names land: $WANMOE_OUTPUT_DIR, else ~/wanmoe-outputs (never the source tree)."""
+    return Path(os.environ.get("WANMOE_OUTPUT_DIR") or Path.home() / "wanmoe-outputs")
+
+
+def default_save_file(task: str, size: tuple[int, int], ulysses_size: int, prompt: str) -> Path:
+    """The official name {task}_{size}_{ulysses}_{prompt[:50]}_{YYYYmmdd_HHMMSS}.mp4, made safe in any shell
+    (W x H, prompt reduced to letters, digits, - and _) and unique per run (process id and a random suffix)."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    safe = prompt.replace(" ", "_").replace("/", "_")[:50]
-    if sys.platform.startswith("win"):
-        size = size.replace("*", "x")
-    return f"{task}_{size}_{ulysses_size}_{safe}_{stamp}.mp4"
-
-
-def parse_size(size: str, multiple: int) -> tuple[int, int]:
-    """'W*H' -> (W, H); both must be positive multiples of `multiple` (VAE stride x patch size)."""
-    parts = size.split("*")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"--size must look like W*H (for example 1280*720), got {size!r}")
-    w, h = int(parts[0]), int(parts[1])
-    if w <= 0 or h <= 0 or w % multiple or h % multiple:
-        raise ValueError(f"--size {size}: width and height must be positive multiples of {multiple} "
-                         f"(VAE stride x patch size)")
-    return w, h
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt).strip("_")[:50] or "video"
+    tag = f"{os.getpid()}{secrets.token_hex(2)}"
+    return output_dir() / f"{task}_{size[0]}x{size[1]}_{ulysses_size}_{slug}_{stamp}_{tag}.mp4"
 
 
 def _fail(msg: str) -> int:
@@ -120,90 +136,161 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from wanmoe import pipeline
-    from wanmoe.configs import PRESETS
-    from wanmoe.distributed.env import ParallelState, broadcast_seed, destroy_parallel, init_parallel
+def flag_message(e: InputError) -> str:
+    """The library's message with the keyword replaced by the flag the user typed."""
+    return f"{FLAGS.get(e.field, e.field)} {e.detail}"
 
-    cfg = PRESETS[args.task]
+
+def check_writable(save: Path) -> None:
+    """The output folder exists (or can be made) and takes a file: found now, not after minutes of work."""
+    if save.suffix.lower() != ".mp4":
+        raise InputError("save_file", f"must end in .mp4, got {str(save)!r}")
+    if save.is_dir():
+        raise InputError("save_file", f"{str(save)!r} is a folder")
+    try:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".wanmoe-probe.", dir=save.parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise InputError("save_file", f"cannot write into {str(save.parent)!r}: {e.strerror or e}") from None
+
+
+def request_kwargs(args: argparse.Namespace) -> dict:
+    """Flags -> `make_request` keywords (None = the task's default)."""
+    guide = args.guidance_scale if args.guidance_scale is not None else args.sample_guide_scale
+    return dict(prompt=args.prompt, size=args.size, frame_num=args.frame_num, seed=args.base_seed,
+                steps=args.sample_steps, shift=args.sample_shift, solver=args.sample_solver, guide_scale=guide,
+                boundary=args.boundary, threshold=args.expert_threshold, blend=args.expert_blend,
+                noise_schedule=args.noise_schedule, motion_scale=args.motion_scale, num_clip=args.num_clip,
+                infer_frames=args.infer_frames, start_from_ref=args.start_from_ref)
+
+
+def _progress_bars(enabled: bool):  # noqa: ANN202 (returns a progress callback and a closer)
+    """A tqdm bar per stage, fed from the pipeline's progress callback."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def on(p: Progress) -> None:
+        if not enabled:
+            return
+        bar = bars.get(p.stage)
+        if bar is None:
+            desc = {"sample": f"sampling {p.clips} clip(s)" if p.clips > 1 else "sampling"}.get(p.stage, p.stage)
+            bar = bars[p.stage] = tqdm(total=p.total, desc=desc, leave=False)
+        bar.total = p.total
+        bar.n = p.done
+        if p.stage == "sample":
+            bar.set_postfix(expert=p.expert, sigma=f"{p.sigma:.3f}" if p.sigma is not None else "", refresh=False)
+        bar.refresh()
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return on, close
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun; 1 for a plain `python generate.py`
     try:
-        req = pipeline.request_from_args(args, cfg, world=world)  # validates everything before any weights load
-        inputs = pipeline.read_inputs(req, cfg)  # reads image/audio/pose; raises ValueError on bad media
-    except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
-    save = Path(args.save_file or default_save_file(args.task, req.size_str, args.ulysses_size, req.prompt))
-    if save.suffix.lower() != ".mp4":
-        return _fail(f"--save_file must end in .mp4, got {save}")
+        cfg = get_preset(args.task)
+        req = make_request(cfg, **request_kwargs(args))  # every setting checked before any weights load
+        opts = make_options(cfg, ckpt_dir=args.ckpt_dir, device=args.device, offload_model=args.offload_model,
+                            t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype, int8=args.int8,
+                            ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel, dit_fsdp=args.dit_fsdp,
+                            t5_fsdp=args.t5_fsdp, world=world)
+        inputs = read_inputs(cfg, image=args.image, audio=args.audio, pose_video=args.pose_video)
+        save = Path(args.save_file) if args.save_file else default_save_file(cfg.task, req.size, opts.ulysses_size,
+                                                                              req.prompt)
+        if int(os.environ.get("RANK", "0")) == 0:
+            check_writable(save)
+    except InputError as e:
+        return _fail(flag_message(e))
     if world == 1:
-        return _generate(args, cfg, req, inputs, save, ParallelState())
+        return _generate(args, cfg, req, opts, inputs, save, ParallelState())
     # NCCL on GPUs, gloo when the user runs on the CPU (or there is no GPU).
-    state = init_parallel("gloo" if req.device == "cpu" else None, ulysses_size=req.ulysses_size,
-                          cfg_parallel=req.cfg_parallel, dit_fsdp=req.dit_fsdp, t5_fsdp=req.t5_fsdp,
+    state = init_parallel("gloo" if opts.device == "cpu" else None, ulysses_size=opts.ulysses_size,
+                          cfg_parallel=opts.cfg_parallel, dit_fsdp=opts.dit_fsdp, t5_fsdp=opts.t5_fsdp,
                           num_heads=cfg.dit.num_heads)
     try:
         if state.device.type == "cuda":
-            req.device = str(state.device)  # one GPU per rank
-        req.seed = broadcast_seed(req.seed, state)  # every rank draws rank 0's noise
-        return _generate(args, cfg, req, inputs, save, state)
+            opts = dataclasses.replace(opts, device=str(state.device))  # one GPU per rank
+        req = dataclasses.replace(req, seed=broadcast_seed(req.seed, state))  # every rank draws rank 0's noise
+        return _generate(args, cfg, req, opts, inputs, save, state)
     finally:
         destroy_parallel(state)
 
 
-def _generate(args: argparse.Namespace, cfg, req, inputs, save: Path, state) -> int:  # noqa: ANN001
-    """Load, generate and (rank 0 only) write the mp4 and its JSON sidecar."""
-    from wanmoe import pipeline
-
+def _generate(args: argparse.Namespace, cfg, req, opts, inputs, save: Path, state: ParallelState) -> int:  # noqa: ANN001
+    """Load, generate and (rank 0 only) write the mp4 and its JSON sidecar together."""
     try:
-        components = pipeline.load_components(cfg, req, state)
-    except (ValueError, FileNotFoundError) as e:
+        components = load_components(cfg, opts, state)
+    except InputError as e:
+        return _fail(flag_message(e))
+    except ValueError as e:  # a checkpoint problem found before any weights loaded
         return _fail(str(e))
-    t0 = time.perf_counter()
-    result = pipeline.generate(components, req, inputs, progress=not args.quiet and state.is_main)
-    timings = dict(result.timings, total_s=time.perf_counter() - t0)
+    pipe = Pipeline(cfg, components, opts)
+    on, close = _progress_bars(not args.quiet and state.is_main)
+    try:
+        video = pipe.run(req, inputs, progress=on)
+    finally:
+        close()
     if not state.is_main:
         return 0  # rank 0 alone writes the output
-    from wanmoe.media import write_video
-
-    save.parent.mkdir(parents=True, exist_ok=True)
-    audio = None
-    if cfg.modality == "s2v":
-        # The official mux starts the audio at 0 although the first clip dropped 3 frames; we start it where the
-        # kept frames start, so lips and sound line up (documented in docs/api.md).
-        audio = inputs.audio[int(round(result.audio_offset_s * inputs.sr)) :]
-    write_video(save, result.video, fps=cfg.sample_fps, audio=audio, sr=inputs.sr)
-    sidecar = {
-        "file": str(save),
-        "task": args.task,
-        "settings": req.to_json(),
-        "seed": req.seed,
-        "world_size": state.world,
-        "frames": int(result.video.shape[1]),
-        "fps": cfg.sample_fps,
-        "timings": timings,
-        "expert_steps": result.expert_steps,
-        "versions": _versions(),
-    }
-    tmp = save.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(sidecar, indent=2))
-    tmp.replace(save.with_suffix(".json"))
-    log.info("wrote %s (%d frames, %.1f s)", save, result.video.shape[1], timings["total_s"])
+    try:
+        video.save(save)
+    except OSError as e:  # a full disk, a folder removed meanwhile: neither file was left behind
+        print(f"error: cannot write {save}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    written = json.loads(save.with_suffix(".json").read_text())["frames"]
+    log.info("wrote %s (%d frames at %d fps, %.1f s)", save, written, video.fps, video.timings["total_s"])
     print(save)
     return 0
 
 
-def _versions() -> dict[str, str]:
-    import torch
-
-    import wanmoe
-
-    return {"wanmoe": wanmoe.__version__, "torch": torch.__version__, "python": platform.python_version()}
+def cmd_experts(argv: list[str]) -> int:
+    """`wanmoe experts`: which expert serves each step of a task's schedule (any task of the registry)."""
+    p = argparse.ArgumentParser(prog="wanmoe experts", description="Print which expert serves each step.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="t2v-A14B", choices=sorted(PRESETS), help="task whose defaults to use")
+    p.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default: the task's)")
+    p.add_argument("--sample_shift", type=float, default=None, help="sigma shift (default: the task's)")
+    p.add_argument("--sample_solver", default=None, choices=sorted(SOLVERS), help="solver (default: the task's)")
+    p.add_argument("--noise_schedule", default="linear", choices=SPACINGS, help="sigma spacing before the shift")
+    p.add_argument("--boundary", type=float, default=None, help="expert switch as a timestep fraction")
+    p.add_argument("--expert_threshold", type=float, default=None, help="expert switch as a log-SNR threshold")
+    p.add_argument("--expert_blend", type=float, default=0.0, help="mixing band half-width in log-SNR")
+    a = p.parse_args(argv)
+    cfg = get_preset(a.task)
+    try:
+        req = make_request(cfg, steps=a.sample_steps, shift=a.sample_shift, solver=a.sample_solver,
+                           noise_schedule=a.noise_schedule, boundary=a.boundary, threshold=a.expert_threshold,
+                           blend=a.expert_blend, seed=0)
+    except InputError as e:
+        return _fail(flag_message(e))
+    sigmas = flow_sigmas(req.steps, req.shift, solver=req.solver, spacing=req.noise_schedule)
+    print(format_table(schedule_table(req.experts, sigmas, req.guide_scale)))
+    return 0
 
 
 def _setup_process(args: argparse.Namespace) -> None:
     quiet = getattr(args, "quiet", False) or int(os.environ.get("RANK", "0")) != 0  # under torchrun rank 0 logs
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+SUBCOMMANDS = {"train": "wanmoe.train.cli", "eval": "wanmoe.eval.cli", "plan": "wanmoe.memory.plan",
+               "verify": "wanmoe.verify"}
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so every temporary file is cleaned up on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,25 +300,41 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate a video", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_generate_args(g)
     g.set_defaults(func=cmd_generate)
-    for name, module in (("train", "wanmoe.train.cli"), ("eval", "wanmoe.eval.cli"),
-                         ("plan", "wanmoe.memory.plan"), ("experts", "wanmoe.experts")):
+    for name in (*SUBCOMMANDS, "experts"):
         s = sub.add_parser(name, help=f"see `wanmoe {name} --help`", add_help=False)
-        s.set_defaults(func=None, module=module)
+        s.set_defaults(func=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; bad input exits 2 with one line, Ctrl-C 130 and SIGTERM 143, without a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = build_parser()
-    if argv and argv[0] in ("train", "eval", "plan", "experts"):
-        import importlib
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        if argv and argv[0] == "experts":
+            return cmd_experts(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            import importlib
 
-        mod = importlib.import_module({"train": "wanmoe.train.cli", "eval": "wanmoe.eval.cli",
-                                       "plan": "wanmoe.memory.plan", "experts": "wanmoe.experts"}[argv[0]])
-        return int(mod.main(argv[1:]) or 0)
-    args = p.parse_args(argv)
-    _setup_process(args)
-    return int(args.func(args) or 0)
+            return int(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]) or 0)
+        args = build_parser().parse_args(argv)
+        _setup_process(args)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -240,4 +343,4 @@ def generate_main(argv: list[str] | None = None) -> int:
     return main(["generate", *argv])
 
 
-__all__ = ["main", "generate_main", "parse_size", "default_save_file"]
+__all__ = ["main", "generate_main", "default_save_file", "FLAGS"]

@@ -1,19 +1,29 @@
-"""Task presets: the one place where sizes and sampling defaults live (STYLE.md 1).
+"""The task registry: the one place where sizes, defaults, expert cuts, layouts and strides live (STYLE.md 1).
 
-A `PipelineConfig` composes the component configs (DiT, VAE, encoders) with the task's sampling
-defaults and its expert layout. Official values come from the Wan2.2 configs (spec section 3).
+A `PipelineConfig` composes the component configs (DiT, VAE, encoders) with the task's sampling defaults, its
+expert layout, its checkpoint layout and its output sizes. Official values come from the Wan2.2 configs (spec
+section 3). Every command (`generate`, `experts`, `plan`, `eval`, `verify`) and the Python API take their task
+list from `PRESETS`; the VAE and patch strides are read from the component configs (`vae.stride`,
+`dit.patch_size`), never written as literals elsewhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from wanmoe import experts as ex
 from wanmoe.encoders.audio import MelConfig
 from wanmoe.encoders.text import ByteTextConfig
 from wanmoe.models.dit import DiTConfig
 from wanmoe.models.s2v import S2VConfig
 from wanmoe.models.vae import VAEConfig
+
+# The embedded models' weights and example inputs (src/wanmoe/assets/<task>).
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Frames the official S2V code drops from the first clip when it does not start from the reference image.
+S2V_FIRST_CLIP_DROP = 3
 
 # Negative prompts (spec section 3), verbatim values of the official configs.
 NEG_PROMPT = (
@@ -40,7 +50,6 @@ class PipelineConfig:
     byte_text: ByteTextConfig | None = None  # the small trainable text encoder, when text_encoder == "byte"
     audio_encoder: str | None = None  # "wav2vec2" | "mel" | None
     mel: MelConfig | None = None  # log-mel features, when audio_encoder == "mel"
-    vae_stride: tuple[int, int, int] = (4, 8, 8)
     sample_steps: int = 40
     sample_shift: float = 5.0
     sample_solver: str = "unipc"
@@ -54,10 +63,60 @@ class PipelineConfig:
     example_prompt: str = ""
     embedded: bool = False  # weights ship inside the package (src/wanmoe/assets/<task>)
     motion_scale: float = 1.0  # s2v audio guidance default (1 = plain conditioning); --motion_scale overrides it
+    # Checkpoint layout: a key of checkpoint.TASK_LAYOUTS (official trees), or "small" (wanmoe's own small models:
+    # DiT folders + vae.safetensors + byte_text_encoder.safetensors).
+    layout: str = "small"
+
+    @property
+    def vae_stride(self) -> tuple[int, int, int]:
+        """(time, height, width) compression of the VAE: read from the VAE config, never written elsewhere."""
+        return self.vae.stride
 
     @property
     def size_multiple(self) -> int:
+        """Pixel sizes must be multiples of this: VAE stride x patch size."""
         return self.vae_stride[1] * self.dit.patch_size[1]
+
+    def latent_frames(self, pixel_frames: int) -> int:
+        """Latent frames of a causal VAE clip: the first pixel frame alone, then one latent per stride."""
+        return (pixel_frames - 1) // self.vae_stride[0] + 1
+
+    def dropped_frames(self, start_from_ref: bool) -> int:
+        """Pixel frames the first S2V clip loses (official), and so how far into the audio the video starts."""
+        drops = self.modality == "s2v" and self.dit.s2v is not None and self.dit.s2v.drop_first_motion
+        return S2V_FIRST_CLIP_DROP if drops and not start_from_ref else 0
+
+    def expert_spec(self, boundary: float | None = None, threshold: float | None = None,
+                    blend: float = 0.0) -> ex.ExpertSpec:
+        """The task's experts with the switch given as an official boundary (default) or a log-SNR threshold.
+
+        One value is one cut: it only defines the split of a two-expert model; more experts take their cuts
+        (a tuple of boundaries) from the preset. Raises ValueError naming `boundary`/`threshold`/`blend`.
+        """
+        n = len(self.experts)
+        if n == 1:
+            if threshold is not None or boundary is not None or blend:
+                raise ValueError(f"task {self.task} has a single expert: boundary, threshold and blend do not apply")
+            return ex.ExpertSpec(names=self.experts)
+        if (threshold is not None or boundary is not None) and n != 2:
+            raise ValueError(f"boundary/threshold set the single cut between two experts; {self.task} has "
+                             f"{n} experts {self.experts}")
+        if threshold is not None:
+            return ex.ExpertSpec(names=self.experts, thresholds=(threshold,), blend=blend)
+        return ex.ExpertSpec(names=self.experts, boundary=self.boundary if boundary is None else boundary,
+                             blend=blend)
+
+    def single_expert(self) -> PipelineConfig:
+        """This task served by one DiT (the dense baseline of a two-expert model: a single-folder checkpoint)."""
+        if len(self.experts) == 1:
+            return self
+        last = self.experts[-1]
+        return dataclasses.replace(self, experts=(last,), boundary=None, guide_scale={last: self.guide_scale[last]})
+
+    def example_files(self) -> dict[str, Path]:
+        """The example reference image / audio / prompt that ship with an embedded task."""
+        d = ASSETS / self.task / "example"
+        return {"image": d / "ref.png", "audio": d / "audio.wav", "prompt": d / "prompt.txt"}
 
 
 _A14B_SIZES = ("720*1280", "1280*720", "480*832", "832*480")
@@ -70,19 +129,19 @@ def _presets() -> dict[str, PipelineConfig]:
 
     t2v = PipelineConfig(
         task="t2v-A14B", modality="t2v", dit=DIT_PRESETS["t2v-a14b"], vae=VAE21, boundary=0.875,
-        sample_steps=40, sample_shift=12.0, guide_scale={"high": 4.0, "low": 3.0}, sizes=_A14B_SIZES,
+        sample_steps=40, sample_shift=12.0, guide_scale={"high": 4.0, "low": 3.0}, sizes=_A14B_SIZES, layout="t2v-a14b",
         example_prompt="Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a "
                        "spotlighted stage.",
     )
     i2v = dataclasses.replace(
         t2v, task="i2v-A14B", modality="i2v", dit=DIT_PRESETS["i2v-a14b"], boundary=0.900, sample_shift=5.0,
-        guide_scale={"high": 3.5, "low": 3.5},
+        guide_scale={"high": 3.5, "low": 3.5}, layout="i2v-a14b",
         example_prompt="Summer beach vacation style, a white cat wearing sunglasses sits on a surfboard.",
     )
     s2v = PipelineConfig(
         task="s2v-14B", modality="s2v", dit=DIT_PRESETS["s2v-14b"], vae=VAE21, experts=("low",), boundary=None,
         audio_encoder="wav2vec2", sample_steps=40, sample_shift=3.0, guide_scale={"low": 4.5}, sizes=_S2V_SIZES,
-        default_size="1024*704", infer_frames=80, neg_prompt=NEG_PROMPT_S2V,
+        default_size="1024*704", infer_frames=80, neg_prompt=NEG_PROMPT_S2V, layout="s2v-14b",
         example_prompt="A person is singing passionately into a microphone on a stage.",
     )
     out = {c.task: c for c in (t2v, i2v, s2v)}
@@ -98,7 +157,7 @@ def _presets() -> dict[str, PipelineConfig]:
             byte_text=ByteTextConfig(text_dim=dit.text_dim, text_len=dit.text_len, num_layers=1, num_heads=2),
             audio_encoder="mel" if c.modality == "s2v" else None,
             mel=MelConfig(n_mels=dit.s2v.audio_dim) if dit.s2v else None, sample_steps=2, sizes=(),
-            default_size="64*64", frame_num=5, infer_frames=8, neg_prompt="",
+            default_size="64*64", frame_num=5, infer_frames=8, neg_prompt="", layout="small",
         )
     out[MINI.task] = MINI
     return out
@@ -130,6 +189,8 @@ DEFAULT_TASK = "s2v-mini"
 
 
 def get_preset(task: str) -> PipelineConfig:
-    if task not in PRESETS:
-        raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(PRESETS))}")
-    return PRESETS[task]
+    """A task by name (case-insensitive: `t2v-a14b` is `t2v-A14B`); ValueError listing the tasks otherwise."""
+    for name, cfg in PRESETS.items():
+        if name.lower() == str(task).lower():
+            return cfg
+    raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(PRESETS))}")

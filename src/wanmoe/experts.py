@@ -20,24 +20,23 @@ Contracts other modules code against:
   step in schedule order (each solver here does) and exposes `plan`, `step` and `upcoming()` so a residency
   manager can prefetch; an optional `hook(step, names)` runs before each step's experts.
 - `expert_sigma_range(spec, name)` -> (sigma_min, sigma_max) the expert owns, for per-expert training.
-- `TASK_DEFAULTS` holds the official per-task boundary / shift / steps / guide scales (wan22-spec section 3).
+- The tasks' cuts, shifts, steps and guide scales live in the task registry (`wanmoe.configs.PRESETS`).
 
 Axis legend: x and the predictions have the latent shape (B, C, F, H, W); only elementwise ops happen here.
-Run `python -m wanmoe.experts --task t2v-A14B --sample_steps 40` for the step-by-step table.
+Run `wanmoe experts --task t2v-A14B --sample_steps 40` for the step-by-step table.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from wanmoe.sampling.guidance import per_expert_scale
-from wanmoe.sampling.schedules import NUM_TRAIN_TIMESTEPS, SOLVERS, SPACINGS, flow_sigmas, log_snr_float
+from wanmoe.sampling.schedules import NUM_TRAIN_TIMESTEPS, log_snr_float
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
 
@@ -94,39 +93,6 @@ class ExpertSpec:
 
 # A single model serving every noise level. Named "low" to match configs.py (PipelineConfig.experts for s2v-14B).
 DENSE = ExpertSpec(names=("low",))
-
-
-@dataclass(frozen=True)
-class TaskDefaults:
-    """Official sampling defaults of one task (wan22-spec section 3; guide scales by expert name)."""
-
-    experts: ExpertSpec
-    shift: float
-    steps: int
-    guide_scale: tuple[tuple[str, float], ...]
-    solver: str = "unipc"
-
-    @property
-    def guide_scales(self) -> dict[str, float]:
-        return dict(self.guide_scale)
-
-
-_MOE = ("high", "low")
-TASK_DEFAULTS: dict[str, TaskDefaults] = {
-    # The official config tuples are (low, high); here they are named.
-    "t2v-A14B": TaskDefaults(ExpertSpec(_MOE, boundary=0.875), 12.0, 40, (("high", 4.0), ("low", 3.0))),
-    "i2v-A14B": TaskDefaults(ExpertSpec(_MOE, boundary=0.900), 5.0, 40, (("high", 3.5), ("low", 3.5))),
-    "ti2v-5B": TaskDefaults(DENSE, 5.0, 50, (("low", 5.0),)),
-    "s2v-14B": TaskDefaults(DENSE, 3.0, 40, (("low", 4.5),)),
-}
-
-
-def task_defaults(task: str) -> TaskDefaults:
-    """Look a task up by name (case-insensitive)."""
-    for key, value in TASK_DEFAULTS.items():
-        if key.lower() == task.lower():
-            return value
-    raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_DEFAULTS)}")
 
 
 def _progress(sigma: float, j: int, spec: ExpertSpec) -> float:
@@ -249,35 +215,14 @@ def expert_timestep_range(spec: ExpertSpec, name: str, *, include_band: bool = T
     return lo * NUM_TRAIN_TIMESTEPS, hi * NUM_TRAIN_TIMESTEPS
 
 
-def schedule_table(
-    task: str,
-    *,
-    steps: int | None = None,
-    shift: float | None = None,
-    solver: str | None = None,
-    spacing: str = "linear",
-    blend: float | None = None,
-) -> list[dict]:
-    """Rows (step, t, sigma, log_snr, experts, guide) of a task's schedule with its defaults unless overridden."""
-    d = task_defaults(task)
-    spec = d.experts if blend is None else replace(d.experts, blend=blend)
-    sigmas = flow_sigmas(
-        steps or d.steps, d.shift if shift is None else shift, solver=solver or d.solver, spacing=spacing
-    )
-    scales = per_expert_scale(d.guide_scales, spec.names)
+def schedule_table(spec: ExpertSpec, sigmas: Tensor, guide_scale: Mapping[str, float] | float) -> list[dict]:
+    """Rows (step, t, sigma, log_snr, experts, guide) of one schedule: which expert serves each step."""
+    scales = per_expert_scale(guide_scale, spec.names)
     s = sigmas.tolist()
     rows = []
     for i, weights in enumerate(expert_weights(sigmas, spec)):
-        rows.append(
-            dict(
-                step=i,
-                t=math.trunc(s[i] * NUM_TRAIN_TIMESTEPS),
-                sigma=s[i],
-                log_snr=log_snr_float(s[i]),
-                experts=weights,
-                guide={n: scales[n] for n in weights},
-            )
-        )
+        rows.append(dict(step=i, t=math.trunc(s[i] * NUM_TRAIN_TIMESTEPS), sigma=s[i], log_snr=log_snr_float(s[i]),
+                         experts=weights, guide={n: scales[n] for n in weights}))
     return rows
 
 
@@ -293,31 +238,3 @@ def format_table(rows: list[dict]) -> str:
             counts[n] = counts.get(n, 0) + 1
     lines.append("steps per expert: " + ", ".join(f"{n} {c}" for n, c in counts.items()))
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        prog="python -m wanmoe.experts",
-        description="Print which expert serves each step.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    ap.add_argument("--task", default="t2v-A14B", choices=sorted(TASK_DEFAULTS), help="task whose defaults to use")
-    ap.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default: the task's)")
-    ap.add_argument("--sample_shift", type=float, default=None, help="sigma shift (default: the task's)")
-    ap.add_argument("--sample_solver", default=None, choices=SOLVERS, help="solver (default: the task's)")
-    ap.add_argument("--spacing", default="linear", choices=SPACINGS, help="sigma grid spacing before the shift")
-    ap.add_argument("--blend", type=float, default=None, help="mixing band half-width in log-SNR (default: 0)")
-    args = ap.parse_args(argv)
-    rows = schedule_table(
-        args.task,
-        steps=args.sample_steps,
-        shift=args.sample_shift,
-        solver=args.sample_solver,
-        spacing=args.spacing,
-        blend=args.blend,
-    )
-    print(format_table(rows))
-
-
-if __name__ == "__main__":
-    main()

@@ -19,9 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from wanmoe import checkpoint as ck
-from wanmoe.configs import PipelineConfig
+from wanmoe import numerics
+from wanmoe.configs import ASSETS, PRESETS, PipelineConfig
 from wanmoe.distributed.env import ParallelState
+from wanmoe.memory.offload import ExpertPool, policy_from_flags
+from wanmoe.models.dit import DiTConfig
 from wanmoe.models.vae import VAEConfig, WanVAE
+from wanmoe.pipeline import Components
+from wanmoe.request import InputError, LoadOptions
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +38,15 @@ def ckpt_root(cfg: PipelineConfig, ckpt_dir: str | None) -> Path:
     if ckpt_dir:
         root = Path(ckpt_dir)
         if not root.is_dir():
-            raise ValueError(f"--ckpt_dir {root} is not a folder")
+            raise InputError("ckpt_dir", f"{root} is not a folder")
         return root
     if cfg.embedded:
-        from wanmoe.pipeline import ASSETS
-
         root = ASSETS / cfg.task
         if not (root / VAE_SAFETENSORS).is_file():
             raise ValueError(f"the embedded model's weights are missing from {root}; reinstall wanmoe or retrain "
                              "with `wanmoe train`")
         return root
-    raise ValueError(f"task {cfg.task} needs --ckpt_dir (a folder with the official Wan2.2 {cfg.task} weights)")
+    raise InputError("ckpt_dir", f"is needed by task {cfg.task} (a folder with the official Wan2.2 weights)")
 
 
 def expert_folders(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
@@ -163,35 +166,70 @@ def parallel_loader(load, state: ParallelState):  # noqa: ANN001, ANN201 (Loader
     return wrapped
 
 
-def load_components(cfg: PipelineConfig, req, parallel: ParallelState | None = None):  # noqa: ANN001, ANN201
-    """pipeline.Request -> pipeline.Components; `parallel` (from init_parallel) shards the models over ranks."""
-    from wanmoe.memory.offload import ExpertPool, policy_from_flags
-    from wanmoe.pipeline import Components
+def _shape_key(d: DiTConfig) -> tuple:
+    """What config.json always records (the official files and wanmoe's small models alike)."""
+    return (d.model_type, d.in_dim, d.out_dim, d.dim, d.ffn_dim, d.num_heads, d.num_layers, tuple(d.patch_size))
 
+
+def detect_task(root: Path) -> PipelineConfig:
+    """The task a checkpoint folder holds, from its layout and DiT config(s); ValueError when ambiguous.
+
+    A single-DiT folder of a two-expert task's model (the embedded model's `single_expert/` baseline) is that
+    task served by one expert (`PipelineConfig.single_expert`).
+    """
+    if not root.is_dir():
+        raise InputError("ckpt_dir", f"{root} is not a folder")
+    try:
+        folders = ck.find_experts(root)
+        dit = ck.read_dit_config(next(iter(folders.values())))
+    except ValueError as e:
+        raise InputError("ckpt_dir", f"{root} holds no readable DiT: {e}") from None
+    small = (root / VAE_SAFETENSORS).is_file()
+    found = []
+    for cfg in PRESETS.values():
+        if (cfg.layout == "small") != small:
+            continue
+        if _shape_key(dit) != _shape_key(cfg.dit):
+            continue
+        if list(folders) == [ck.SINGLE_EXPERT]:
+            found.append(cfg.single_expert())
+        elif tuple(folders) == cfg.experts:
+            found.append(cfg)
+    if len(found) != 1:
+        what = "no task" if not found else f"several tasks ({', '.join(c.task for c in found)})"
+        raise InputError("ckpt_dir", f"{root} matches {what}; name the task (task=... / --task)")
+    return found[0]
+
+
+def load_components(cfg: PipelineConfig, opts: LoadOptions, parallel: ParallelState | None = None) -> Components:
+    """The pipeline's components for `cfg` under `opts`; `parallel` (from init_parallel) shards them over ranks.
+
+    Every file is checked before any weights load (layout, config, headers); the experts then load lazily.
+    """
     parallel = parallel or ParallelState()
-    device = torch.device(req.device)
-    root = ckpt_root(cfg, req.ckpt_dir)
-    if not cfg.embedded and cfg.text_encoder != "byte":
-        ck.check_layout(root, cfg.task.lower())
-    elif cfg.text_encoder == "byte":
+    device = torch.device(opts.device)
+    root = ckpt_root(cfg, opts.ckpt_dir)
+    if cfg.layout == "small":
         check_small_layout(cfg, root)
+    else:
+        ck.check_layout(root, cfg.layout)
     folders = expert_folders(cfg, root)
-    small = cfg.text_encoder == "byte"  # wanmoe's own small models: the preset defines the sizes
+    small = cfg.layout == "small"  # wanmoe's own small models: the preset defines the sizes
     for name, folder in folders.items():  # fail before any weights load: config.json must match the task
         got = ck.read_dit_config(folder)
         if not small and dataclasses.replace(got, text_len=cfg.dit.text_len) != cfg.dit:
             raise ValueError(f"{folder}/config.json describes a different model than task {cfg.task} "
                              f"(expert {name}): {got} vs {cfg.dit}")
-    dtype = torch.bfloat16 if req.convert_model_dtype else None
-    compute = torch.bfloat16 if (req.convert_model_dtype and device.type == "cuda") else torch.float32
-    loaders = {n: expert_loader(f, device, dtype or (torch.float32 if device.type == "cpu" else None), req.int8,
-                                cfg.dit if small else None) for n, f in folders.items()}
-    policy = policy_from_flags(req.offload_model)
+    # One numerics policy (wanmoe.numerics): storage dtype of the weights and compute dtype per device.
+    compute = numerics.compute_dtype(device, opts.convert_model_dtype)
+    weights = numerics.weight_dtype(device, opts.convert_model_dtype)
+    loaders = {n: expert_loader(f, device, weights, opts.int8, cfg.dit if small else None) for n, f in folders.items()}
+    policy = policy_from_flags(opts.offload_model)
     if parallel.world > 1:
         loaders = {n: parallel_loader(f, parallel) for n, f in loaders.items()}
         if parallel.dit_fsdp and policy != "resident":
             # Moving or dropping a sharded expert would break its FSDP state: FSDP experts stay resident.
-            log.info("--dit_fsdp: experts stay resident (--offload_model ignored)")
+            log.info("dit_fsdp: experts stay resident (offload_model ignored)")
             policy = "resident"
     pool = ExpertPool(loaders, device, policy)
     if parallel.dit_fsdp:
@@ -199,7 +237,7 @@ def load_components(cfg: PipelineConfig, req, parallel: ParallelState | None = N
         # would run the loaders at rank-dependent times).
         for n in pool.names:
             pool.get(n)
-    text = load_text_encoder(cfg, root, device, req.t5_cpu)
+    text = load_text_encoder(cfg, root, device, opts.t5_cpu)
     if parallel.t5_fsdp:
         from wanmoe.distributed.fsdp import apply_fsdp
 

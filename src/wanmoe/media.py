@@ -8,9 +8,11 @@ so `import wanmoe.media` works with the core dependencies only.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,6 +26,7 @@ __all__ = [
     "read_audio",
     "audio_is_silent",
     "write_video",
+    "write_video_with_sidecar",
     "read_video",
     "probe_video",
     "save_png",
@@ -175,6 +178,31 @@ def _mux(path: str, frames: np.ndarray, fps: Fraction, audio: np.ndarray | None,
             container.mux(aus.encode(None))
 
 
+def _prepare(video: torch.Tensor | np.ndarray, fps: float, audio: np.ndarray | None,
+             sr: int) -> tuple[np.ndarray, Fraction, np.ndarray | None]:
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    frames = to_uint8_frames(video)
+    if len(frames) == 0:
+        raise ValueError("video has no frames")
+    rate = Fraction(fps).limit_denominator(1001)
+    if audio is not None:
+        if sr <= 0:
+            raise ValueError(f"sr must be positive, got {sr}")
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1:
+            raise ValueError(f"audio must be mono 1-D float32, got shape {audio.shape}")
+        frames, audio = _cut_to_shorter(frames, audio, rate, sr)
+        audio = np.clip(audio, -1.0, 1.0)
+    return _pad_even(frames), rate, audio
+
+
+def _temp_beside(dest: Path, suffix: str) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=suffix, dir=dest.parent)
+    os.close(fd)
+    return tmp
+
+
 def write_video(
     path: str | os.PathLike,
     video: torch.Tensor | np.ndarray,
@@ -190,36 +218,55 @@ def write_video(
     The file is written to a temporary name in the same folder and renamed at the end (os.replace), so a
     crash never leaves a partial file at `path`; on error the temporary file is removed.
     """
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    frames = to_uint8_frames(video)
-    if len(frames) == 0:
-        raise ValueError("video has no frames")
-    rate = Fraction(fps).limit_denominator(1001)
-    if audio is not None:
-        if sr <= 0:
-            raise ValueError(f"sr must be positive, got {sr}")
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 1:
-            raise ValueError(f"audio must be mono 1-D float32, got shape {audio.shape}")
-        frames, audio = _cut_to_shorter(frames, audio, rate, sr)
-        audio = np.clip(audio, -1.0, 1.0)
-    frames = _pad_even(frames)
+    return write_video_with_sidecar(path, video, fps, audio, sr, crf=crf, sidecar=None)
 
+
+def write_video_with_sidecar(
+    path: str | os.PathLike,
+    video: torch.Tensor | np.ndarray,
+    fps: float,
+    audio: np.ndarray | None = None,
+    sr: int = 16000,
+    *,
+    crf: int = 18,
+    sidecar: Callable[[int], dict] | None = None,
+) -> Path:
+    """`write_video`, plus `<name>.json` from `sidecar(frames_written)`: the two files appear together or not at all.
+
+    Both are written in full to temporary files beside the destination first (a full disk fails there, leaving
+    nothing), then renamed: the sidecar first, the mp4 last; if the mp4 rename fails the sidecar is removed again.
+    """
     dest = Path(path)
     if dest.suffix.lower() != ".mp4":
         raise ValueError(f"write_video writes mp4 only, got {str(dest)!r}")
+    frames, rate, audio = _prepare(video, fps, audio, sr)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=".part.mp4", dir=dest.parent)
-    os.close(fd)
+    json_dest = dest.with_suffix(".json")
+    tmps: list[str] = []
+    done: list[Path] = []
     try:
+        tmp = _temp_beside(dest, ".part.mp4")
+        tmps.append(tmp)
         _mux(tmp, frames, rate, audio, sr, crf)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the final file ordinary permissions
+        if sidecar is not None:
+            jtmp = _temp_beside(dest, ".part.json")
+            tmps.append(jtmp)
+            with open(jtmp, "w", encoding="utf-8") as f:
+                json.dump(sidecar(len(frames)), f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(jtmp, 0o644)
+            os.replace(jtmp, json_dest)
+            done.append(json_dest)
         os.replace(tmp, dest)
     except BaseException:
-        # BaseException: also clean up on KeyboardInterrupt; the error is always re-raised.
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        # BaseException: also clean up on KeyboardInterrupt / SIGTERM; the error is always re-raised.
+        for t in tmps:
+            if os.path.exists(t):
+                os.remove(t)
+        for d in done:
+            d.unlink(missing_ok=True)
         raise
     return dest
 

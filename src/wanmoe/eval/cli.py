@@ -4,7 +4,7 @@
     wanmoe eval --setups two,one,two-threshold,two-blend,two-int8,two-10steps --n 4
 
 Each set-up runs in its own subprocess, so its peak memory is its own. For every held-out sample the
-reference image, audio and prompt go through the same `pipeline.generate` as `generate.py`; the output is
+reference image, audio and prompt go through the same Python API (`wanmoe.load`) as `generate.py`; the output is
 compared with the ground-truth render of the same avatar and audio. With `--speech K`, K extra samples are
 driven by real synthesized speech (espeak-ng: hand-written sentences no training clip speaks, held-out avatars,
 several of espeak-ng's voices), whose ground truth is rendered from that audio; `sync_speech` is their mean.
@@ -24,22 +24,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# name -> (model folder relative to the task's model root, extra generate flags)
-SETUPS: dict[str, tuple[str, list[str]]] = {
-    "two": ("", []),
-    "one": ("single_expert", []),
-    "two-threshold": ("", ["--expert_threshold", "-2.5"]),
-    "two-blend": ("", ["--expert_blend", "1.0"]),
-    "two-int8": ("", ["--int8"]),
-    "two-10steps": ("", ["--sample_steps", "10"]),
-    "one-10steps": ("single_expert", ["--sample_steps", "10"]),
-    "two-dpm++": ("", ["--sample_solver", "dpm++"]),
-    "two-audio2": ("", ["--motion_scale", "2"]),
-    "one-audio2": ("single_expert", ["--motion_scale", "2"]),
-    "two-audio1": ("", ["--motion_scale", "1"]),
-    "one-audio1": ("single_expert", ["--motion_scale", "1"]),
+from wanmoe.configs import PRESETS
+
+# name -> (model folder relative to the task's model root, request settings, load options): Python API keywords.
+SETUPS: dict[str, tuple[str, dict, dict]] = {
+    "two": ("", {}, {}),
+    "one": ("single_expert", {}, {}),
+    "two-threshold": ("", {"threshold": -2.5}, {}),
+    "two-blend": ("", {"blend": 1.0}, {}),
+    "two-int8": ("", {}, {"int8": True}),
+    "two-10steps": ("", {"steps": 10}, {}),
+    "one-10steps": ("single_expert", {"steps": 10}, {}),
+    "two-dpm++": ("", {"solver": "dpm++"}, {}),
+    "two-audio2": ("", {"motion_scale": 2.0}, {}),
+    "one-audio2": ("single_expert", {"motion_scale": 2.0}, {}),
+    "two-audio1": ("", {"motion_scale": 1.0}, {}),
+    "one-audio1": ("single_expert", {"motion_scale": 1.0}, {}),
 }
-DROPPED = 3  # frames the first clip loses (wan/speech2video.py)
+# Frames the first clip loses (wan/speech2video.py): generated frame k shows ground-truth frame k + DROPPED.
+DROPPED = PRESETS["s2v-mini"].dropped_frames(start_from_ref=False)
 # Real-speech eval samples: (sentence, espeak-ng voice). Written by hand, so none is a training sentence
 # (those are drawn from `wanmoe.data.espeak.WORDS`); the first is the single sample of earlier reports.
 SPEECH_CASES: tuple[tuple[str, str | None], ...] = (
@@ -108,31 +111,22 @@ def other_sync(video: torch.Tensor, s, other) -> float:  # noqa: ANN001 (AvatarS
     return m.mouth_sync(video[:, :t], other.envelope[DROPPED : DROPPED + t], s.ref)["sync"]
 
 
-def run_setup(task: str, model_dir: Path, flags: list[str], cases: list[dict], seed: int) -> dict:
-    """Generate every case with one set-up (in this process) and average the metrics."""
-    from wanmoe import pipeline
-    from wanmoe.cli import build_parser
-    from wanmoe.configs import PRESETS
+def run_setup(task: str, model_dir: Path, settings: dict, options: dict, cases: list[dict], seed: int,
+              frames: int | None = None) -> dict:
+    """Generate every case with one set-up (in this process, models loaded once) and average the metrics."""
+    from wanmoe.api import load
     from wanmoe.eval.metrics import peak_rss_mb
 
-    cfg = PRESETS[task]
-    if (model_dir / "high_noise_model").is_dir() is False:  # a single-DiT folder serves the one-expert variant
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, experts=("low",), boundary=None, guide_scale={"low": cfg.guide_scale["low"]})
-    rows, videos, seconds, frames, comps = [], [], 0.0, 0, None
+    pipe = load(model_dir, task=None, **options)
+    if frames is not None:
+        settings = {**settings, "infer_frames": frames}
+    rows, videos, seconds, n_frames = [], [], 0.0, 0
     for c in cases:
-        argv = ["generate", "--task", task, "--ckpt_dir", str(model_dir), "--image", str(c["image"]), "--audio",
-                str(c["audio"]), "--prompt", c["sample"].prompt, "--base_seed", str(seed), "--quiet", *flags]
-        args = build_parser().parse_args(argv)
-        req = pipeline.request_from_args(args, cfg)
-        # The components depend on the set-up only (task, checkpoint, flags), not on the case: load them once.
-        comps = comps or pipeline.load_components(cfg, req)
-        res = pipeline.generate(comps, req, pipeline.read_inputs(req, cfg), progress=False)
-        seconds += res.timings["generate_s"]
-        frames += res.video.shape[1]
-        rows.append({"case": c["name"], **score(res.video, c["sample"])})
-        videos.append(res.video)
+        video = pipe(c["sample"].prompt, image=c["image"], audio=c["audio"], seed=seed, **settings)
+        seconds += video.timings["generate_s"]
+        n_frames += video.num_frames
+        rows.append({"case": c["name"], **score(video.frames, c["sample"])})
+        videos.append(video.frames)
     # Control: the same generated mouth against ANOTHER case's loudness envelope. A mouth that follows its own
     # audio scores high on "sync" and about 0 here; a generic open/close pattern scores alike on both.
     for k, r in enumerate(rows):
@@ -144,7 +138,7 @@ def run_setup(task: str, model_dir: Path, flags: list[str], cases: list[dict], s
         out["sync_speech"] = float(np.mean([r["sync"] for r in speech]))
         out["sync_speech_min"] = float(min(r["sync"] for r in speech))
         out["sync_speech_best"] = float(np.mean([r["sync_best"] for r in speech]))
-    out["s_per_frame"] = seconds / max(frames, 1)
+    out["s_per_frame"] = seconds / max(n_frames, 1)
     out["peak_rss_mb"] = peak_rss_mb()
     out["cases"] = rows
     return out
@@ -153,13 +147,16 @@ def run_setup(task: str, model_dir: Path, flags: list[str], cases: list[dict], s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wanmoe eval", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="s2v-mini")
+    p.add_argument("--task", default="s2v-mini", choices=[t for t, c in PRESETS.items() if c.embedded],
+                   help="an embedded S2V task (its model folder holds the two-expert model and single_expert/)")
     p.add_argument("--model", type=Path, default=None, help="model root (default: the embedded assets)")
     p.add_argument("--setups", default="two,one", help=f"comma list of {', '.join(SETUPS)}")
     p.add_argument("--n", type=int, default=4, help="held-out samples")
     p.add_argument("--speech", type=int, nargs="?", const=1, default=0, metavar="K",
                    help=f"add K real-speech samples (espeak-ng; --speech alone: 1, at most {len(SPEECH_CASES)})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=None,
+                   help="pixel frames per sample, a multiple of 4 (default: one clip of the task's infer_frames)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("eval_out"))
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -170,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker is not None:  # subprocess mode: one set-up, JSON in and out
         job = json.loads(a.worker.read_text())
         cases = held_out_cases(job["n"], job["frames"], job["speech"], Path(job["work"]))
-        res = run_setup(job["task"], Path(job["model"]), job["flags"], cases, job["seed"])
+        res = run_setup(job["task"], Path(job["model"]), job["settings"], job["options"], cases, job["seed"],
+                        job.get("infer_frames"))
         Path(job["result"]).write_text(json.dumps(res))
         return 0
-    from wanmoe.configs import PRESETS
+    from wanmoe.configs import ASSETS
     from wanmoe.eval.report import write_report
-    from wanmoe.pipeline import ASSETS
 
     cfg = PRESETS[a.task]
     root = a.model or ASSETS / a.task
@@ -187,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, details = {}, {}
     with tempfile.TemporaryDirectory() as work:
         for name in names:
-            sub, flags = SETUPS[name]
-            job = {"task": a.task, "model": str(root / sub), "flags": flags, "n": a.n, "speech": a.speech,
-                   "frames": cfg.infer_frames, "seed": a.seed, "work": work, "result": f"{work}/{name}.json"}
+            sub, settings, options = SETUPS[name]
+            job = {"task": a.task, "model": str(root / sub), "settings": settings, "options": options, "n": a.n,
+                   "speech": a.speech, "frames": a.frames or cfg.infer_frames, "infer_frames": a.frames,
+                   "seed": a.seed, "work": work, "result": f"{work}/{name}.json"}
             Path(f"{work}/{name}.job").write_text(json.dumps(job))
             print(f"eval {name} ...", file=sys.stderr, flush=True)
             subprocess.run([sys.executable, "-m", "wanmoe.eval.cli", "--worker", f"{work}/{name}.job",

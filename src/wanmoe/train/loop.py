@@ -7,7 +7,7 @@ Setup -> loop (sample sigma in the expert's noise range -> noise -> velocity los
 -> EMA -> log -> checkpoint). The expert's range comes from `wanmoe.experts.expert_sigma_range`, the same
 module that routes at inference. Training clips use the S2V first-clip layout: the VAE encodes
 [reference | frames], latent 0 is the reference latent and the rest are the targets, exactly what
-`pipeline._generate_s2v` decodes with `drop_motion_frames=True`.
+`pipeline.S2VClips` decodes with `drop_motion_frames=True`.
 
 Expert-specific augmentation: the high-noise expert (layout and motion) sees colour-jittered latents of
 whole clips (a per-channel affine on the latent stream, shared by target and reference); the low-noise

@@ -1,0 +1,168 @@
+"""The Python API: `pipe = wanmoe.load("s2v-mini")`, `video = pipe(prompt=..., image=..., audio=...)`,
+`video.save(path)`.
+
+`load` resolves a task name or a checkpoint folder through the task registry, validates the load options and
+loads the components once; calling the pipeline builds a validated `Request` from the task's preset plus the
+keyword overrides, reads and checks the inputs (paths, PIL images, numpy arrays or tensors), and runs the one
+generation path. Every bad input raises `InputError` (a ValueError) before any model runs. `Video.save` writes
+the mp4 with its sound and the JSON sidecar together, or neither.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from wanmoe import loading, media
+from wanmoe.configs import PRESETS, PipelineConfig, get_preset
+from wanmoe.distributed.env import ParallelState
+from wanmoe.inputs import Inputs, read_inputs
+from wanmoe.pipeline import Components, ProgressFn, generate
+from wanmoe.request import InputError, LoadOptions, Request, make_options, make_request
+from wanmoe.version import __version__
+
+
+def versions() -> dict[str, str]:
+    return {"wanmoe": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class Video:
+    """A generated video: frames, fps, the audio it belongs with, timings and every setting."""
+
+    frames: Tensor  # (3, T, Hp, Wp) float32 in [-1, 1]
+    fps: int
+    audio: np.ndarray | None  # mono float32 at `sr`, already aligned with frame 0 (S2V), or None
+    sr: int
+    request: Request
+    options: LoadOptions
+    timings: dict[str, float] = field(default_factory=dict)
+    expert_steps: dict[str, int] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    world_size: int = 1
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[1])
+
+    def frames_uint8(self) -> np.ndarray:
+        """(T, Hp, Wp, 3) uint8, as written to the file."""
+        return media.to_uint8_frames(self.frames)
+
+    def sidecar(self, file: str | None = None, frames_written: int | None = None) -> dict:
+        return {
+            "file": file,
+            "task": self.request.task,
+            "settings": self.request.to_json(),
+            "load": self.options.to_json(),
+            "inputs": self.inputs,
+            "seed": self.request.seed,
+            "world_size": self.world_size,
+            "frames": self.num_frames if frames_written is None else frames_written,
+            "fps": self.fps,
+            "timings": self.timings,
+            "expert_steps": self.expert_steps,
+            "versions": versions(),
+        }
+
+    def save(self, path: str | os.PathLike, *, sidecar: bool = True) -> Path:
+        """Write the mp4 (H.264, with AAC sound when there is audio) and `<name>.json`: both appear, or neither."""
+        path = Path(path)
+        if path.suffix.lower() != ".mp4":
+            raise InputError("save_file", f"must end in .mp4, got {str(path)!r}")
+        media.write_video_with_sidecar(path, self.frames, fps=self.fps, audio=self.audio, sr=self.sr,
+                                       sidecar=(lambda n: self.sidecar(str(path), n)) if sidecar else None)
+        return path
+
+
+class Pipeline:
+    """A loaded task: call it with a prompt and inputs (and any setting of `make_request`) to get a `Video`."""
+
+    def __init__(self, cfg: PipelineConfig, components: Components, options: LoadOptions) -> None:
+        self.cfg, self.components, self.options = cfg, components, options
+
+    @property
+    def task(self) -> str:
+        return self.cfg.task
+
+    def request(self, **overrides: object) -> Request:
+        """The validated request these overrides make (the task's preset for everything not given)."""
+        return make_request(self.cfg, **overrides)
+
+    def __call__(
+        self,
+        prompt: str | None = None,
+        *,
+        image: object = None,
+        audio: object = None,
+        sr: int | None = None,
+        pose_video: object = None,
+        progress: ProgressFn | None = None,
+        **settings: object,
+    ) -> Video:
+        """Generate one video. `settings` are `make_request` keywords (steps, seed, size, guide_scale, ...)."""
+        req = make_request(self.cfg, prompt=prompt, **settings)
+        inputs = read_inputs(self.cfg, image=image, audio=audio, sr=sr, pose_video=pose_video)
+        return self.run(req, inputs, progress=progress)
+
+    def run(self, req: Request, inputs: Inputs, *, progress: ProgressFn | None = None) -> Video:
+        """Generate from an already validated request and inputs (what `__call__` and the CLI use)."""
+        t0 = time.perf_counter()
+        res = generate(self.components, req, inputs, progress=progress)
+        timings = dict(res.timings, total_s=time.perf_counter() - t0)
+        audio = None
+        if inputs.audio is not None:
+            # The official mux starts the audio at 0 although the first clip dropped frames; the audio here starts
+            # where the kept frames start, so lips and sound line up (docs/api.md).
+            audio = inputs.audio[int(round(res.audio_offset_s * inputs.sr)) :]
+        return Video(frames=res.video, fps=res.fps, audio=audio, sr=inputs.sr, request=req, options=self.options,
+                     timings=timings, expert_steps=res.expert_steps, inputs=dict(inputs.sources or {}),
+                     world_size=self.components.parallel.world)
+
+
+def resolve(model: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None,
+            task: str | None = None) -> tuple[PipelineConfig, str | None]:
+    """A task name (`s2v-mini`, `t2v-A14B`) or a checkpoint folder -> (task config, checkpoint folder or None)."""
+    if task is not None:
+        return get_preset(task), None if ckpt_dir is None else str(ckpt_dir)
+    name = str(model)
+    if any(name.lower() == t.lower() for t in PRESETS):
+        return get_preset(name), None if ckpt_dir is None else str(ckpt_dir)
+    if Path(name).is_dir():
+        return loading.detect_task(Path(name)), name
+    raise InputError("model", f"{name!r} is neither a task ({', '.join(sorted(PRESETS))}) nor a checkpoint folder")
+
+
+def load(
+    model: str | os.PathLike = "s2v-mini",
+    *,
+    ckpt_dir: str | os.PathLike | None = None,
+    task: str | None = None,
+    device: str | None = None,
+    offload_model: bool | None = None,
+    convert_model_dtype: bool = False,
+    int8: bool = False,
+    t5_cpu: bool = False,
+    parallel: ParallelState | None = None,
+    **parallel_flags: object,
+) -> Pipeline:
+    """Load a task's models once. `model` is a task name or a checkpoint folder (the task is then detected from it;
+    `task=` names it when the folder is ambiguous). Options are checked before anything loads."""
+    cfg, root = resolve(model, ckpt_dir, task)
+    if task is not None and ckpt_dir is None and Path(str(model)).is_dir():
+        root = str(model)
+    parallel = parallel or ParallelState()
+    opts = make_options(cfg, ckpt_dir=root, device=device, offload_model=offload_model,
+                        convert_model_dtype=convert_model_dtype, int8=int8, t5_cpu=t5_cpu, world=parallel.world,
+                        **parallel_flags)  # type: ignore[arg-type]
+    return Pipeline(cfg, loading.load_components(cfg, opts, parallel), opts)
+
+
+__all__ = ["load", "resolve", "Pipeline", "Video", "InputError", "Request", "LoadOptions"]

@@ -1,0 +1,309 @@
+"""A generation request: the task's preset plus keyword overrides, validated in one place, before any work.
+
+`make_request(cfg, **overrides) -> Request` is the only place sampling settings are defaulted and checked;
+`make_options(cfg, **overrides) -> LoadOptions` does the same for how the models are loaded (device, offload,
+precision, parallel flags). Nothing here knows argparse: errors are `InputError(field, detail)` (a ValueError)
+naming the keyword, and the CLI translates the keyword into its flag name (`steps` -> `--sample_steps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wanmoe import experts as ex
+from wanmoe.configs import PipelineConfig
+from wanmoe.distributed.env import validate_parallel_flags
+from wanmoe.sampling.guidance import per_expert_scale
+from wanmoe.sampling.schedules import SOLVERS, SPACINGS
+
+MAX_SIDE = 4096  # pixels; beyond this no preset or GPU of today is meant to go
+MAX_SEED = 2**63 - 1
+
+
+class InputError(ValueError):
+    """A bad input: `field` is the keyword (request/load option or input name), `detail` says what is allowed."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        self.field, self.detail = field, detail
+        super().__init__(f"{field} {detail}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """Every sampling setting of one generation, validated (the JSON sidecar is written from it)."""
+
+    task: str
+    prompt: str
+    negative_prompt: str
+    size: tuple[int, int]  # (W, H) in pixels
+    frame_num: int  # t2v/i2v pixel frames (4n + 1); s2v: unused, the audio sets the length
+    seed: int
+    steps: int
+    shift: float
+    solver: str
+    guide_scale: dict[str, float]  # per expert, by name
+    experts: ex.ExpertSpec
+    noise_schedule: str = "linear"
+    motion_scale: float = 1.0  # s2v audio guidance (1 = plain conditioning)
+    num_clip: int | None = None  # s2v: at most this many clips (None: as many as the audio fills)
+    infer_frames: int = 80  # s2v pixel frames per clip
+    start_from_ref: bool = False  # s2v: the first clip's motion frames are the reference image
+
+    @property
+    def size_str(self) -> str:
+        return f"{self.size[0]}*{self.size[1]}"
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["experts"] = {"names": list(self.experts.names), "thresholds": list(self.experts.thresholds),
+                        "boundary": list(self.experts.boundary), "blend": self.experts.blend,
+                        "cuts_log_snr": list(self.experts.cuts)}
+        return json.loads(json.dumps(d, default=str))
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How the models are loaded and where they run (the sidecar records these too)."""
+
+    ckpt_dir: str | None = None  # None: the embedded weights of an embedded task
+    device: str = "cpu"
+    offload_model: bool = True  # keep idle experts off the compute device
+    t5_cpu: bool = False
+    convert_model_dtype: bool = False  # DiT weights in bf16 (fp32 modules kept; wanmoe.numerics)
+    int8: bool = False  # weight-only int8 experts
+    ulysses_size: int = 1
+    cfg_parallel: bool = False
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_int(field: str, v: object, lo: int, hi: int, what: str = "an integer") -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer() and math.isfinite(v):
+            v = int(v)
+        else:
+            raise InputError(field, f"must be {what} in [{lo}, {hi}], got {v!r}")
+    if not lo <= v <= hi:
+        raise InputError(field, f"must be {what} in [{lo}, {hi}], got {v}")
+    return v
+
+
+def check_float(field: str, v: object, lo: float, hi: float, *, open_lo: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InputError(field, f"must be a number, got {v!r}")
+    v = float(v)
+    low_ok = v > lo if open_lo else v >= lo
+    if not (math.isfinite(v) and low_ok and v <= hi):
+        rng = f"({lo:g}, {hi:g}]" if open_lo else f"[{lo:g}, {hi:g}]"
+        raise InputError(field, f"must be a finite number in {rng}, got {v}")
+    return v
+
+
+def check_choice(field: str, v: object, choices: tuple[str, ...] | list[str]) -> str:
+    if v not in choices:
+        raise InputError(field, f"must be one of {', '.join(choices)}, got {v!r}")
+    return str(v)
+
+
+def parse_size(field: str, size: object, multiple: int) -> tuple[int, int]:
+    """'W*H' or (W, H) -> (W, H); both positive multiples of `multiple` (VAE stride x patch size), <= MAX_SIDE."""
+    if isinstance(size, str):
+        parts = size.split("*")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise InputError(field, f"must look like W*H (for example 1280*720), got {size!r}")
+        wh = (int(parts[0]), int(parts[1]))
+    elif isinstance(size, (tuple, list)) and len(size) == 2:
+        wh = (check_int(field, size[0], 1, MAX_SIDE, "a width"), check_int(field, size[1], 1, MAX_SIDE, "a height"))
+    else:
+        raise InputError(field, f"must be 'W*H' or a (W, H) pair, got {size!r}")
+    w, h = wh
+    if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE) or w % multiple or h % multiple:
+        raise InputError(field, f"{w}*{h}: width and height must be multiples of {multiple} (VAE stride x patch "
+                                f"size) between {multiple} and {MAX_SIDE}")
+    return w, h
+
+
+def _guidance(v: object, names: tuple[str, ...]) -> dict[str, float]:
+    if isinstance(v, Mapping):
+        unknown = sorted(set(v) - set(names))
+        if unknown:
+            raise InputError("guide_scale", f"names unknown experts {unknown}; this task has {list(names)}")
+        vals = {str(k): check_float("guide_scale", x, 0.0, 100.0) for k, x in v.items()}
+    else:
+        vals = check_float("guide_scale", v, 0.0, 100.0)
+    try:
+        return per_expert_scale(vals, names)
+    except ValueError as e:
+        raise InputError("guide_scale", str(e)) from e
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+def make_request(
+    cfg: PipelineConfig,
+    *,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    size: str | tuple[int, int] | None = None,
+    frame_num: int | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+    shift: float | None = None,
+    solver: str | None = None,
+    guide_scale: float | Mapping[str, float] | None = None,
+    boundary: float | None = None,
+    threshold: float | None = None,
+    blend: float = 0.0,
+    noise_schedule: str = "linear",
+    motion_scale: float | None = None,
+    num_clip: int | None = None,
+    infer_frames: int | None = None,
+    start_from_ref: bool = False,
+) -> Request:
+    """The task's preset with these overrides (None = the task's value), validated; raises InputError."""
+    s2v = cfg.modality == "s2v"
+    if not s2v:
+        # Refuse rather than silently ignore: a t2v/i2v run has no clips or motion frames to apply these to.
+        given = {"num_clip": num_clip, "infer_frames": infer_frames, "start_from_ref": start_from_ref or None,
+                 "motion_scale": motion_scale}
+        bad = [k for k, v in given.items() if v is not None]
+        if bad:
+            raise InputError(bad[0], f"only applies to s2v tasks, not {cfg.task}")
+    elif frame_num is not None:
+        raise InputError("frame_num", f"does not apply to {cfg.task}: the audio sets the length "
+                                      "(use infer_frames and num_clip)")
+    if prompt is None:
+        prompt = cfg.example_prompt
+        example = cfg.example_files()["prompt"] if cfg.embedded else None
+        if example is not None and example.is_file():
+            prompt = example.read_text().strip()
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("prompt", "is empty: give a prompt, or leave it out to use the task's example prompt")
+    negative_prompt = cfg.neg_prompt if negative_prompt is None else negative_prompt
+    if not isinstance(negative_prompt, str):
+        raise InputError("negative_prompt", f"must be a string, got {negative_prompt!r}")
+    wh = parse_size("size", cfg.default_size if size is None else size, cfg.size_multiple)
+    if cfg.sizes and not s2v and f"{wh[0]}*{wh[1]}" not in cfg.sizes:
+        raise InputError("size", f"{wh[0]}*{wh[1]} is not supported by {cfg.task}; "
+                                 f"choose one of {', '.join(cfg.sizes)}")
+    frames = cfg.frame_num if frame_num is None else check_int("frame_num", frame_num, 1, 1001)
+    if (frames - 1) % cfg.vae_stride[0]:
+        raise InputError("frame_num", f"must be 4n+1 (5, 9, ..., 81), got {frames}")
+    inf = cfg.infer_frames if infer_frames is None else check_int("infer_frames", infer_frames, 4, 1000)
+    if inf % cfg.vae_stride[0]:
+        raise InputError("infer_frames", f"must be a positive multiple of 4, got {inf}")
+    if seed is None or (not isinstance(seed, bool) and isinstance(seed, int) and seed == -1):
+        seed = random.randint(0, sys.maxsize)  # -1 (official) or None: a random seed, recorded in the sidecar
+    seed = check_int("seed", seed, 0, MAX_SEED, "-1 (random) or an integer")
+    n_steps = cfg.sample_steps if steps is None else check_int("steps", steps, 1, 1000)
+    sh = cfg.sample_shift if shift is None else check_float("shift", shift, 0.0, 100.0, open_lo=True)
+    sol = check_choice("solver", cfg.sample_solver if solver is None else solver, tuple(SOLVERS))
+    sched = check_choice("noise_schedule", noise_schedule, tuple(SPACINGS))
+    if boundary is not None:
+        boundary = check_float("boundary", boundary, 0.0, 1.0, open_lo=True)
+        if boundary >= 1.0:
+            raise InputError("boundary", f"must lie in (0, 1), got {boundary}")
+    if threshold is not None:
+        threshold = check_float("threshold", threshold, -50.0, 50.0)
+    blend = check_float("blend", blend, 0.0, 50.0)
+    try:
+        spec = cfg.expert_spec(boundary, threshold, blend)
+    except ValueError as e:
+        field = "threshold" if threshold is not None else "boundary" if boundary is not None else "blend"
+        raise InputError(field, f"cannot be applied: {e}") from e
+    scales = _guidance(cfg.guide_scale if guide_scale is None else guide_scale, spec.names)
+    ms = cfg.motion_scale if motion_scale is None else check_float("motion_scale", motion_scale, 0.0, 20.0)
+    nc = None if num_clip is None else check_int("num_clip", num_clip, 1, 10000)
+    if not isinstance(start_from_ref, bool):
+        raise InputError("start_from_ref", f"must be true or false, got {start_from_ref!r}")
+    return Request(task=cfg.task, prompt=prompt, negative_prompt=negative_prompt, size=wh, frame_num=frames,
+                   seed=seed, steps=n_steps, shift=sh, solver=sol, guide_scale=scales, experts=spec,
+                   noise_schedule=sched, motion_scale=ms, num_clip=nc, infer_frames=inf, start_from_ref=start_from_ref)
+
+
+NOT_YET = "is not supported in a single process; run under torchrun (see docs/distributed.md)"
+
+
+def check_device(device: str | torch.device | None) -> str:
+    """'cpu', 'cuda' or 'cuda:N' that exists here (None: cuda if available, else cpu)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError("device", f"must be cpu, cuda or cuda:N, got {device!r}") from None
+    if d.type == "cpu":
+        return "cpu"
+    if d.type != "cuda":
+        raise InputError("device", f"must be cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise InputError("device", f"{device}: no CUDA device is available (use cpu)")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise InputError("device", f"{device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return str(d)
+
+
+def make_options(
+    cfg: PipelineConfig,
+    *,
+    ckpt_dir: str | None = None,
+    device: str | None = None,
+    offload_model: bool | None = None,
+    t5_cpu: bool = False,
+    convert_model_dtype: bool = False,
+    int8: bool = False,
+    ulysses_size: int = 1,
+    cfg_parallel: bool = False,
+    dit_fsdp: bool = False,
+    t5_fsdp: bool = False,
+    world: int = 1,
+) -> LoadOptions:
+    """Load options, validated against the task and the number of processes (`world`, from torchrun)."""
+    for name, v in (("offload_model", offload_model), ("t5_cpu", t5_cpu), ("int8", int8),
+                    ("convert_model_dtype", convert_model_dtype), ("cfg_parallel", cfg_parallel),
+                    ("dit_fsdp", dit_fsdp), ("t5_fsdp", t5_fsdp)):
+        if v is not None and not isinstance(v, bool):
+            raise InputError(name, f"must be true or false, got {v!r}")
+    ulysses_size = check_int("ulysses_size", ulysses_size, 1, 1024)
+    if world == 1:
+        for name, v in (("dit_fsdp", dit_fsdp), ("t5_fsdp", t5_fsdp), ("cfg_parallel", cfg_parallel)):
+            if v:
+                raise InputError(name, NOT_YET)
+        if ulysses_size != 1:
+            raise InputError("ulysses_size", f"{ulysses_size} {NOT_YET}")
+    else:
+        try:
+            validate_parallel_flags(world, ulysses_size, dit_fsdp, t5_fsdp, cfg_parallel, cfg.dit.num_heads)
+        except ValueError as e:
+            raise InputError("ulysses_size", f"does not fit {world} processes: {e}") from e
+        if t5_fsdp and t5_cpu:
+            raise InputError("t5_fsdp", "cannot be combined with t5_cpu: the sharded encoder runs on each GPU")
+    if ckpt_dir is None and not cfg.embedded:
+        raise InputError("ckpt_dir", f"is needed for task {cfg.task} (a folder with the official Wan2.2 weights)")
+    if ckpt_dir is not None:
+        if not Path(ckpt_dir).is_dir():
+            raise InputError("ckpt_dir", f"{ckpt_dir} is not a folder")
+        ckpt_dir = str(ckpt_dir)
+    return LoadOptions(
+        ckpt_dir=ckpt_dir, device=check_device(device),
+        # Official default: offload on one process only; FSDP experts must stay resident (loading.py enforces it).
+        offload_model=world == 1 if offload_model is None else offload_model,
+        t5_cpu=t5_cpu, convert_model_dtype=convert_model_dtype, int8=int8, ulysses_size=ulysses_size,
+        cfg_parallel=cfg_parallel, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
+    )

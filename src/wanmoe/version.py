@@ -1,0 +1,3 @@
+"""The package version (read by the sidecar and by packaging)."""
+
+__version__ = "0.1.0"
