@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from wanmoe.configs import ASSETS
 from wanmoe.data.avatar import make_sample, split_seeds
 from wanmoe.eval import metrics as m
 from wanmoe.loading import load_small_vae
-from wanmoe.configs import ASSETS
 
 
 def main() -> None:
