@@ -394,3 +394,96 @@ def test_check_layout(tmp_path: Path, tiny_cfg: DiTConfig) -> None:
     assert "high_noise_model" not in missing
     with pytest.raises(ValueError, match="unknown task 'x2v'; known: t2v-a14b"):
         ck.check_layout(a14b, "x2v")
+
+
+# ------------------------------------------------------------------------------------------ malformed files
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"dim": "32"}, 'dim must be an integer, got "32" \\(string\\)'),
+        ({"dim": 32.0}, "dim must be an integer, got 32.0 \\(number\\)"),
+        ({"num_layers": True}, "num_layers must be an integer, got true \\(boolean\\)"),
+        ({"num_layers": 10**9}, "num_layers must be in \\[1, 4096\\]"),
+        ({"ffn_dim": -64}, "ffn_dim must be in"),
+        ({"eps": "1e-6"}, "eps must be a finite number"),
+        ({"enable_adain": "yes"}, "enable_adain must be true or false"),
+    ],
+)
+def test_config_field_types(tmp_path: Path, extra: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=f"config.json: .*{match}"):
+        ck.read_dit_config(_write_json(tmp_path, {"model_type": "t2v", **TINY, **extra}))
+
+
+@pytest.mark.parametrize("text", [b"\xff\xfe{}", b'{"model_type": ', b"[1, 2]", b'{"eps": NaN}'])
+def test_config_unreadable(tmp_path: Path, text: bytes) -> None:
+    (tmp_path / ck.CONFIG_NAME).write_bytes(text.replace(b'{"eps"', b'{"model_type": "t2v", "eps"'))
+    with pytest.raises(ValueError, match="config.json"):
+        ck.read_dit_config(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../evil.safetensors", "/etc/evil.safetensors", "sub/x.safetensors", "..", 7, ""])
+def test_shard_names_must_stay_in_the_folder(tmp_path: Path, tiny_model: DiT, name: object) -> None:
+    folder = tmp_path / "dit"
+    _save_sharded(tiny_model, folder)
+    # A real safetensors file where "../evil.safetensors" leads: only the name is wrong.
+    (tmp_path / "evil.safetensors").write_bytes(sorted(folder.glob("diffusion_pytorch_model-*"))[0].read_bytes())
+    index = folder / ck.INDEX_NAME
+    raw = json.loads(index.read_text())
+    raw["weight_map"][next(iter(raw["weight_map"]))] = name
+    index.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=f"{ck.INDEX_NAME}: shard name .* (is not a plain file name|not a file name)"):
+        ck.load_dit(folder)
+
+
+def test_symlinked_shards(tmp_path: Path, tiny_model: DiT) -> None:
+    # A Hugging Face cache snapshot: every file a symlink into the repo's blobs/ folder, which is accepted.
+    repo = tmp_path / "models--Wan-AI--x"
+    folder = repo / "snapshots" / "abc123" / "high_noise_model"
+    _save_sharded(tiny_model, folder)
+    (repo / "blobs").mkdir()
+    for i, shard in enumerate(sorted(folder.glob("diffusion_pytorch_model-*"))):
+        blob = repo / "blobs" / f"blob{i}"
+        shard.rename(blob)
+        shard.symlink_to(Path("../../../blobs") / blob.name)
+    _assert_same(ck.load_dit(folder), tiny_model)
+    # A symlink anywhere else outside the folder is refused.
+    victim = sorted(folder.glob("diffusion_pytorch_model-*"))[0]
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(victim.read_bytes())
+    victim.unlink()
+    victim.symlink_to(outside)
+    with pytest.raises(ValueError, match=f"shard {victim.name} is a symlink to .*outside"):
+        ck.find_weight_files(folder)
+
+
+@pytest.mark.parametrize("index_text", [b"\xff\xfe", b'{"weight_map": [1]}', b'{"weight_map": {"a": ["x"]}}'])
+def test_malformed_index(tmp_path: Path, tiny_model: DiT, index_text: bytes) -> None:
+    _save_sharded(tiny_model, tmp_path)
+    (tmp_path / ck.INDEX_NAME).write_bytes(index_text)
+    with pytest.raises(ValueError, match=ck.INDEX_NAME):
+        ck.load_dit(tmp_path)
+
+
+def test_garbage_header_and_bad_total_size(tmp_path: Path, tiny_model: DiT) -> None:
+    _save_sharded(tiny_model, tmp_path)
+    index = tmp_path / ck.INDEX_NAME
+    raw = json.loads(index.read_text())
+    index.write_text(json.dumps({**raw, "metadata": ["not", "an", "object"]}))
+    _assert_same(ck.load_dit(tmp_path), tiny_model)  # a malformed size field is only a warning, as a stale one is
+    victim = sorted(tmp_path.glob("diffusion_pytorch_model-*"))[0]
+    data = bytearray(victim.read_bytes())
+    data[8:24] = b"\xff" * 16
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"cannot read .*{victim.name}: truncated or corrupt"):
+        ck.load_dit(tmp_path)
+
+
+def test_layout_needs() -> None:
+    small = ck.layout_needs(ck.SMALL_LAYOUT, ("high", "low"))
+    assert [n.path for n in small] == ["high_noise_model", "low_noise_model", ck.SMALL_VAE_NAME, ck.BYTE_TEXT_NAME]
+    assert [n.path for n in ck.layout_needs(ck.SMALL_LAYOUT, ("low",))][0] == ""
+    assert ck.layout_needs("S2V-14B") is ck.TASK_LAYOUTS["s2v-14b"]
+    with pytest.raises(ValueError, match="unknown checkpoint layout 'ti2v-5b'"):
+        ck.layout_needs("ti2v-5b")

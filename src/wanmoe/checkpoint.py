@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from wanmoe.models.vae import VAE21, VAEConfig, WanVAE, load_wan21_vae
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME", "EXPERT_FOLDERS", "SINGLE_EXPERT", "WeightFiles",
     "read_dit_config", "write_dit_config", "dit_config_to_json", "find_weight_files", "load_state_dict_files",
-    "load_dit", "save_dit", "load_vae", "load_into_meta_model", "find_experts", "check_layout",
+    "load_dit", "save_dit", "load_vae", "load_into_meta_model", "find_experts", "check_layout", "config_problems",
+    "shard_name_problem", "read_json_file", "layout_needs", "SMALL_LAYOUT", "SMALL_VAE_NAME", "BYTE_TEXT_NAME",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,9 +76,84 @@ PASSIVE_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "motion_fr
 
 # ---------------------------------------------------------------------------------------------- config.json
 
+# Integer fields of config.json and their sane ranges: a 10**9-layer config would hang even a meta-device build.
+_MAX_WIDTH = 1 << 20
+_INT_FIELDS: dict[str, tuple[int, int]] = {
+    "in_dim": (1, _MAX_WIDTH), "out_dim": (1, _MAX_WIDTH), "dim": (1, _MAX_WIDTH), "ffn_dim": (1, _MAX_WIDTH),
+    "freq_dim": (2, _MAX_WIDTH), "num_heads": (1, 4096), "num_layers": (1, 4096), "text_len": (1, _MAX_WIDTH),
+    "cond_dim": (0, _MAX_WIDTH), "audio_dim": (1, _MAX_WIDTH), "num_audio_token": (1, 4096),
+    "motion_token_num": (0, _MAX_WIDTH),
+}
+# Fields the official loader ignores (FIXED_FIELDS, PASSIVE_KEYS) are not type-checked: any value is ignored.
+_BOOL_FIELDS = ("enable_adain", "zero_init", "zero_timestep", "enable_motioner",
+                "add_last_motion", "enable_tsm", "trainable_token_pos_emb", "enable_framepack")
+_STR_FIELDS = ("_class_name", "adain_mode", "framepack_drop_mode")
+MAX_CONFIG_BYTES = 1 << 20  # an official config.json is under 1 KB
+
 
 def _as_value(v: object) -> object:
     return tuple(v) if isinstance(v, list) else v
+
+
+def read_json_file(path: Path, max_bytes: int) -> object:
+    """One JSON file, bounded in size; ValueError naming the file for unreadable, oversized, non-UTF-8 or bad JSON."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(f"{path}: {size} bytes, too large for this file (at most {max_bytes})")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError as e:  # pathologically nested arrays
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from e
+
+
+def config_problems(raw: Mapping[str, object]) -> list[str]:
+    """Every field of a config.json dict whose JSON type or range is wrong, one line each (empty when all fit).
+
+    A string "96" or a float 96.0 where the official loader expects an int would otherwise reach the model
+    constructor and fail there with a TypeError, or worse build a different model.
+    """
+    problems = []
+    for key, (lo, hi) in _INT_FIELDS.items():
+        if key not in raw:
+            continue
+        v = raw[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            problems.append(f"{key} must be an integer, got {_shown(v)} ({_json_type(v)})")
+        elif not lo <= v <= hi:
+            problems.append(f"{key} must be in [{lo}, {hi}], got {v}")
+    for key in _BOOL_FIELDS:
+        if key in raw and not isinstance(raw[key], bool):
+            problems.append(f"{key} must be true or false, got {_shown(raw[key])} ({_json_type(raw[key])})")
+    for key in _STR_FIELDS:
+        if key in raw and not isinstance(raw[key], str):
+            problems.append(f"{key} must be a string, got {_shown(raw[key])} ({_json_type(raw[key])})")
+    if "eps" in raw:
+        v = raw["eps"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v < 1):
+            problems.append(f"eps must be a finite number in (0, 1), got {_shown(v)}")
+    if "audio_inject_layers" in raw:
+        v = raw["audio_inject_layers"]
+        if not isinstance(v, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in v):
+            problems.append(f"audio_inject_layers must be a list of integers, got {_shown(v)}")
+    return problems
+
+
+def _shown(v: object) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_type(v: object) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
+            type(None): "null"}.get(type(v), type(v).__name__)
 
 
 def read_dit_config(folder: str | os.PathLike) -> DiTConfig:
@@ -84,12 +161,12 @@ def read_dit_config(folder: str | os.PathLike) -> DiTConfig:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"no {CONFIG_NAME} in {folder}: an official DiT folder holds {CONFIG_NAME} and the weights")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    raw = read_json_file(path, MAX_CONFIG_BYTES)
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+        raise ValueError(f"{path} must hold a JSON object, got {_json_type(raw)}")
+    wrong = config_problems(raw)
+    if wrong:
+        raise ValueError(f"{path}: " + "; ".join(wrong))
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"{path}: unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
@@ -205,6 +282,46 @@ def _shard_keys(path: Path) -> list[str]:
         raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file ({e})") from e
 
 
+def shard_name_problem(folder: Path, name: object) -> str | None:
+    """Why an index's shard name is unsafe or unusable (None when it is a plain file name inside folder).
+
+    Names come from a downloaded JSON file: an absolute path, `..` or a separator would make the loader read a
+    file outside the checkpoint. A symlink may point inside the folder, or into the `blobs/` folder of the
+    Hugging Face cache repo that holds the folder (how `snapshot_download` lays out every file).
+    """
+    if not isinstance(name, str) or not name:
+        return f"shard name {_shown(name)} is not a file name"
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return (f"shard name {name!r} is not a plain file name inside the folder (absolute paths, '..' and path "
+                "separators are refused)")
+    path = folder / name
+    if path.is_symlink():
+        target = path.resolve()
+        if not (_is_within(target, folder.resolve()) or _in_hf_blobs(folder, target)):
+            return f"shard {name} is a symlink to {target}, outside {folder}"
+    return None
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def _in_hf_blobs(folder: Path, target: Path) -> bool:
+    """target is a blob of the Hugging Face cache repo whose `snapshots/<revision>/` holds folder."""
+    parts = folder.absolute().parts
+    if "snapshots" not in parts:
+        return False
+    i = len(parts) - 1 - parts[::-1].index("snapshots")
+    return target.parent == (Path(*parts[:i]) / "blobs").resolve()
+
+
+MAX_INDEX_BYTES = 64 << 20  # an official index (a few thousand keys) is ~100 KB
+
+
 def find_weight_files(folder: str | os.PathLike) -> WeightFiles:
     """Locate and cross-check the weight files of an official DiT folder (no tensor data is read)."""
     folder = Path(folder)
@@ -216,13 +333,13 @@ def find_weight_files(folder: str | os.PathLike) -> WeightFiles:
     if not index.is_file():
         present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise ValueError(f"no weights found: {_layout_text(folder)}; found {present or 'nothing'}")
-    try:
-        raw = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{index} is not valid JSON: {e}") from e
+    raw = read_json_file(index, MAX_INDEX_BYTES)
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index} has no 'weight_map' object; {_layout_text(folder)}")
+    bad = [p for p in dict.fromkeys(shard_name_problem(folder, v) for v in weight_map.values()) if p]
+    if bad:
+        raise ValueError(f"{index}: " + "; ".join(bad))
     names = sorted(set(weight_map.values()))
     absent = [n for n in names if not (folder / n).is_file()]
     if absent:
@@ -268,9 +385,11 @@ def load_state_dict_files(
 
 
 def _check_total_size(index: Path, sd: Mapping[str, Tensor]) -> None:
-    total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+    raw = read_json_file(index, MAX_INDEX_BYTES)
+    meta = raw.get("metadata") if isinstance(raw, dict) else None
+    total = meta.get("total_size") if isinstance(meta, dict) else None
     actual = sum(t.numel() * t.element_size() for t in sd.values())
-    if total is not None and int(total) != actual:
+    if total is not None and total != actual:
         # Keys and shapes were already checked; a stale size field alone is not worth refusing 50 GB for.
         logger.warning("%s: metadata.total_size %s differs from the bytes read (%d)", index, total, actual)
 
@@ -403,7 +522,7 @@ def _save_atomic(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -
 
 # Noise-expert folders, high noise first (spec 4, 8); a further expert is one more row, in trajectory order.
 EXPERT_FOLDERS: tuple[tuple[str, str], ...] = (("high", "high_noise_model"), ("low", "low_noise_model"))
-SINGLE_EXPERT = "only"  # name of the one DiT of a single-folder checkpoint (S2V-14B, TI2V-5B)
+SINGLE_EXPERT = "only"  # name of the one DiT of a single-folder checkpoint (S2V-14B)
 
 
 def find_experts(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
@@ -414,7 +533,7 @@ def find_experts(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
     present = {name: root / sub for name, sub in EXPERT_FOLDERS if (root / sub).is_dir()}
     has_root = (root / CONFIG_NAME).is_file()
     layouts = (f"either expert folders {', '.join(sub + '/' for _, sub in EXPERT_FOLDERS)} each holding "
-               f"{CONFIG_NAME} + weights (A14B), or {CONFIG_NAME} + weights at the root (S2V-14B, TI2V-5B)")
+               f"{CONFIG_NAME} + weights (A14B), or {CONFIG_NAME} + weights at the root (S2V-14B)")
     if present and has_root:
         raise ValueError(f"{root} holds both expert folders and a root {CONFIG_NAME}; expected {layouts}")
     if has_root:
@@ -449,12 +568,34 @@ _EXPERTS = tuple(Need(name, sub, "dit", f"{name}-noise expert DiT") for name, su
 TASK_LAYOUTS: dict[str, tuple[Need, ...]] = {
     "t2v-a14b": (*_EXPERTS, _T5, _TOK, _VAE21),
     "i2v-a14b": (*_EXPERTS, _T5, _TOK, _VAE21),
-    "ti2v-5b": (Need(SINGLE_EXPERT, "", "dit", "DiT"), _T5, _TOK,
-                Need("vae", "Wan2.2_VAE.pth", "file", "Wan2.2 VAE weights")),
     "s2v-14b": (Need(SINGLE_EXPERT, "", "dit", "DiT"), _T5, _TOK, _VAE21,
                 Need("wav2vec", "wav2vec2-large-xlsr-53-english", "dir", "wav2vec2 model + processor",
                      ("config.json",))),
 }
+
+
+# wanmoe's own small models (the embedded one and the tiny test models): the official DiT folders, plus two
+# safetensors files in place of the umT5 / Wan2.1 VAE / wav2vec2 files.
+SMALL_LAYOUT = "small"
+SMALL_VAE_NAME = "vae.safetensors"  # VAE weights, its VAEConfig (latent statistics included) in the metadata
+BYTE_TEXT_NAME = "byte_text_encoder.safetensors"
+
+
+def layout_needs(layout: str, experts: tuple[str, ...] = ("high", "low")) -> tuple[Need, ...]:
+    """The expected tree: `SMALL_LAYOUT` for the small models (DiT folders for `experts`), else a TASK_LAYOUTS key."""
+    if layout == SMALL_LAYOUT:
+        folders = dict(EXPERT_FOLDERS)
+        unknown = [e for e in experts if e not in folders]
+        if len(experts) > 1 and unknown:
+            raise ValueError(f"no folder for experts {unknown}; known: {list(folders)}")
+        dits = ((Need(experts[0], "", "dit", "DiT"),) if len(experts) == 1
+                else tuple(Need(e, folders[e], "dit", f"{e}-noise expert DiT") for e in experts))
+        return (*dits, Need("vae", SMALL_VAE_NAME, "file", "VAE (config in the metadata)"),
+                Need("text", BYTE_TEXT_NAME, "file", "byte-level text encoder"))
+    key = layout.lower()
+    if key not in TASK_LAYOUTS:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; known: {', '.join([*TASK_LAYOUTS, SMALL_LAYOUT])}")
+    return TASK_LAYOUTS[key]
 
 
 def _need_tree(needs: tuple[Need, ...]) -> list[str]:
@@ -501,7 +642,6 @@ def check_layout(ckpt_dir: str | os.PathLike, task: str) -> dict[str, Path]:
         raise ValueError(f"checkpoint folder {root} is incomplete for task {key!r}.\n  expected:\n    {tree}\n"
                          f"  missing or invalid:\n    " + "\n    ".join(missing))
     return {n.role: root / n.path for n in needs}
-
 
 
 def load_vae(
