@@ -5,7 +5,7 @@
     video = pipe(prompt="...", image="ref.png", audio="talk.wav", steps=20, seed=0)
     video.save("out.mp4")                          # mp4 with sound + JSON sidecar
 
-Importing the package has no side effects (STYLE.md 8) and stays light: the API is imported on first use.
+Importing the package has no side effects and stays light: the API is imported on first use.
 """
 
 from __future__ import annotations

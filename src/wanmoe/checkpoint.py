@@ -1,9 +1,9 @@
 """Official Wan2.2 checkpoint layouts: config.json, sharded safetensors + index, VAE .pth, per-task trees.
 
-No tensor axes are manipulated here: state dicts move whole, keyed by the official module-tree names
-(wan22-spec.md section 6), so no key remapping is needed. Shapes in messages are the tensors' own.
+No tensor axes are manipulated here: state dicts move whole, keyed by the official module-tree names,
+so no key remapping is needed. Shapes in messages are the tensors' own.
 
-Loading follows STYLE.md 12: build on the meta device, validate keys and shapes against the files *before*
+Loading: build on the meta device, validate keys and shapes against the files *before*
 touching the module, then `load_state_dict(strict=True, assign=True)`; on any failure a ValueError names
 the expected layout and what differs, and no model is returned. Weights are read with safetensors
 (memory-mapped through `safe_open`) or `torch.load(weights_only=True)`, never with plain pickle.
@@ -44,7 +44,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 SHARD_NAME = "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors"
 
-# WanModel.ignore_for_config (spec 4, 16.12): never read from config.json; the constructor defaults always apply.
+# WanModel.ignore_for_config: never read from config.json; the constructor defaults always apply.
 FIXED_FIELDS: dict[str, object] = {
     "patch_size": (1, 2, 2), "cross_attn_norm": True, "qk_norm": True, "text_dim": 4096, "window_size": (-1, -1),
 }
@@ -54,14 +54,14 @@ CLASS_NAMES = {"t2v": "WanModel", "i2v": "WanModel", "ti2v": "WanModel", "s2v": 
 # constructor default (dim 2048, 32 layers) the official loader would fall back to.
 REQUIRED_KEYS = ("model_type", "in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers")
 OPTIONAL_DEFAULTS: dict[str, object] = {"freq_dim": 256, "eps": 1e-6, "text_len": 512}  # WanModel.__init__ defaults
-# WanModel_S2V.__init__ defaults (model_s2v.py): a key absent from config.json takes these, as in the official loader.
+# WanModel_S2V.__init__ defaults: a key absent from config.json takes these, as in the official loader.
 S2V_DEFAULTS: dict[str, object] = {
     "cond_dim": 0, "audio_dim": 5120, "num_audio_token": 4, "enable_adain": False, "adain_mode": "attn_norm",
     "audio_inject_layers": [0, 4, 8, 12, 16, 20, 24, 27], "zero_init": False, "zero_timestep": False,
     "enable_motioner": True, "add_last_motion": True, "enable_tsm": False, "trainable_token_pos_emb": False,
     "motion_token_num": 1024, "enable_framepack": False, "framepack_drop_mode": "drop",
 }
-# The one S2V variant implemented (the released S2V-14B, spec 3): switches S2VConfig does not model must hold
+# The one S2V variant implemented (the released S2V-14B): switches S2VConfig does not model must hold
 # these values, because any other value changes the module tree or the forward pass.
 S2V_SUPPORTED: dict[str, object] = {
     "enable_motioner": False, "enable_framepack": True, "enable_adain": True, "adain_mode": "attn_norm",
@@ -520,7 +520,7 @@ def _save_atomic(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -
 
 # ---------------------------------------------------------------------------------------------- task layouts
 
-# Noise-expert folders, high noise first (spec 4, 8); a further expert is one more row, in trajectory order.
+# Noise-expert folders, high noise first; a further expert is one more row, in trajectory order.
 EXPERT_FOLDERS: tuple[tuple[str, str], ...] = (("high", "high_noise_model"), ("low", "low_noise_model"))
 SINGLE_EXPERT = "only"  # name of the one DiT of a single-folder checkpoint (S2V-14B)
 
@@ -564,7 +564,7 @@ _T5 = Need("t5", "models_t5_umt5-xxl-enc-bf16.pth", "file", "umT5-XXL encoder we
 _TOK = Need("tokenizer", "google/umt5-xxl", "dir", "umT5 tokenizer files", ("tokenizer.json", "spiece.model"))
 _VAE21 = Need("vae", "Wan2.1_VAE.pth", "file", "Wan2.1 VAE weights")
 _EXPERTS = tuple(Need(name, sub, "dit", f"{name}-noise expert DiT") for name, sub in EXPERT_FOLDERS)
-# Expected tree per task (spec 3 and 4): the single table check_layout reads.
+# Expected tree per task (the official download layouts): the single table check_layout reads.
 TASK_LAYOUTS: dict[str, tuple[Need, ...]] = {
     "t2v-a14b": (*_EXPERTS, _T5, _TOK, _VAE21),
     "i2v-a14b": (*_EXPERTS, _T5, _TOK, _VAE21),

@@ -7,7 +7,7 @@ c_k <= lam < c_{k+1} (c_0 = -inf, c_n = +inf), i.e. the high-noise expert serves
 
 The cuts come either as log-SNR `thresholds` or as the official `boundary` (a fraction of the 1000 training
 timesteps; lam = 2 log((1 - b) / b)). With a boundary and no blend band the official comparison is used verbatim,
-trunc(sigma * 1000) >= boundary * 1000 -> the higher-noise expert (wan/text2video.py), so every step matches the
+trunc(sigma * 1000) >= boundary * 1000 -> the higher-noise expert (official T2V pipeline), so every step matches the
 official code even at ties. An optional band of half-width `blend` (log-SNR units) around each cut runs both
 neighbours and mixes their velocities with a weight linear in lam:
     w_low = clip((lam - c + blend) / (2 blend), 0, 1),   w_high = 1 - w_low

@@ -2,7 +2,7 @@
 
 Axis legend: T pixel frames, H/W pixel height/width, C=3 colour channels.
 Tensors in the library use (3, T, H, W) float in [-1, 1]; files on disk use uint8 (T, H, W, 3).
-All third-party media libraries (PyAV, Pillow) are imported lazily inside the functions (STYLE.md 17),
+All third-party media libraries (PyAV, Pillow) are imported lazily inside the functions,
 so `import wanmoe.media` works with the core dependencies only.
 """
 

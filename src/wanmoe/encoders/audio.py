@@ -55,7 +55,7 @@ def _check_audio(audio: np.ndarray, sr: int, fps: float) -> torch.Tensor:
 def resample_linear(feats: torch.Tensor, src_rate: float, dst_rate: float) -> torch.Tensor:
     """(Ly, A, Dm) at src_rate -> (Ly, int(A / src_rate * dst_rate), Dm), linear, align_corners=True.
 
-    Wan2.2 s2v/audio_encoder.py `linear_interpolation` (50 Hz wav2vec2 -> 30 fps).
+    The official S2V audio encoder's `linear_interpolation` (50 Hz wav2vec2 -> 30 fps).
     """
     n_out = int(feats.shape[1] / float(src_rate) * dst_rate)
     if n_out < 1:
@@ -82,7 +82,7 @@ def bucket_to_video_frames(
 ) -> torch.Tensor:
     """(Ly, N, Dm) features at src_rate -> (Ly, Dm, T): frame k takes index round(k*src_rate/fps); zero past the end.
 
-    Wan2.2 s2v/audio_encoder.py `get_audio_embed_bucket_fps` with m=0 (a single source frame per video frame).
+    The official S2V audio encoder's `get_audio_embed_bucket_fps` with m=0 (a single source frame per video frame).
     With n_frames=None, T is the number of video frames whose source index lies inside the audio.
     """
     ly, n_src, dm = feats.shape
@@ -203,7 +203,7 @@ class MelAudioEncoder:
 class Wav2Vec2AudioEncoder:
     """wav2vec2 hidden states (HF, local files only) bucketed to video frames: -> (Ly=L+1, 1024, T).
 
-    Wan2.2 s2v/audio_encoder.py: processor -> model(output_hidden_states=True) -> all hidden states
+    As the official S2V audio encoder: processor -> model(output_hidden_states=True) -> all hidden states
     stacked -> 50 Hz to 30 fps linear -> per-video-frame nearest bucketing. Runs in fp32 on `device`.
     """
 

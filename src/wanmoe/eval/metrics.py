@@ -4,7 +4,7 @@ Axis legend: T pixel frames, H/W pixel height/width, 3 RGB channels.
 
 Videos are float (3, T, H, W) in [-1, 1] (torch or numpy); every metric first maps them to [0, 1]. Each metric
 is a pure function whose docstring states its exact definition, so numbers in reports can be reproduced.
-OpenCV (optical flow) is imported lazily (STYLE.md 17: it is in the ``eval`` extra).
+OpenCV (optical flow) is imported lazily (it is in the ``eval`` extra).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Rows are ``{setup name: {metric name: value}}``; a set-up missing a metric gets an empty cell / no bar.
 matplotlib is imported lazily and switched to the non-interactive Agg backend inside ``plot_bars`` only
-(STYLE.md 8: importing this module changes no process-wide state).
+(importing this module changes no process-wide state).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ A audio frames (video-rate audio features), K audio layers (wav2vec2 hidden stat
 When ``DiTConfig.s2v`` is set, ``DiT`` calls :func:`attach_s2v_modules` (official key names: cond_encoder,
 casual_audio_encoder, audio_injector.*, trainable_cond_mask, frame_packer.*), then per forward
 :func:`s2v_tokens` to extend the token stream with [ref | motion] tokens and :func:`s2v_inject_audio` after
-each listed block. Source: Wan2.2 ``wan/modules/s2v`` (model_s2v.py, audio_utils.py, auxi_blocks.py,
-motioner.py); facts are from /work/shared/reference/wan22-spec.md section 11.
+each listed block. Source: the official Wan2.2 S2V model (``WanModel_S2V`` and its audio, auxiliary and motioner
+blocks).
 """
 
 from __future__ import annotations

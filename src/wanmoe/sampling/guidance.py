@@ -1,4 +1,4 @@
-"""Classifier-free guidance as wrappers that compose denoise callables (STYLE.md 5).
+"""Classifier-free guidance as wrappers that compose denoise callables.
 
 A denoise callable is `denoise(x, sigma) -> velocity` (see wanmoe.sampling.solvers). Guidance mixes two of them,
 one conditioned and one with the "unconditional" conditioning (negative prompt, zeroed audio, ...). Scales are per
@@ -18,7 +18,7 @@ Denoise = Callable[[Tensor, Tensor], Tensor]
 
 
 def cfg(cond: Denoise, uncond: Denoise, scale: float) -> Denoise:
-    """v = v_uncond + scale * (v_cond - v_uncond) (Ho & Salimans 2022, eq. 6; wan/text2video.py noise_pred).
+    """v = v_uncond + scale * (v_cond - v_uncond) (Ho & Salimans 2022, eq. 6; noise_pred of the official pipelines).
 
     scale == 1 returns `cond` itself: the formula reduces to v_cond, so the unconditional pass is skipped (the result
     differs from the official two-pass arithmetic only by float rounding).

@@ -3,7 +3,7 @@
 Convention (docs/architecture.md): x_sigma = (1 - sigma) * x0 + sigma * noise, sigma in [0, 1]; sigma = 1 is pure
 noise. A schedule is a 1-D tensor of `steps + 1` sigmas, decreasing, ending at exactly 0; the model is evaluated at
 the first `steps` entries and the terminal 0 is only a target. Schedules are computed once, before sampling, and
-handed to the solvers (STYLE.md 4); no solver builds its own.
+handed to the solvers; no solver builds its own.
 
 Axis legend: this module has no tensor axes beyond the 1-D schedule (length steps + 1).
 
@@ -25,7 +25,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 SOLVERS = ("unipc", "dpm++", "euler")
 SPACINGS = ("linear", "cosine")
 
-# Where each solver's unshifted grid starts (wan22-spec section 9). The official UniPC scheduler takes its
+# Where each solver's unshifted grid starts. The official UniPC scheduler takes its
 # sigma_max from a float32 training table built as 1 - linspace(1, 1/1000, 1000)[::-1], so its start is 0.999
 # rounded to float32 and widened back to a Python float; reproducing that rounding keeps the timesteps equal.
 # DPM++ uses get_sampling_sigmas, which starts at exactly 1.0. Euler has no official scheduler; it follows DPM++.
@@ -37,7 +37,7 @@ _START = {
 
 
 def time_shift(sigmas: Tensor | np.ndarray, shift: float) -> Tensor | np.ndarray:
-    """sigma' = s * sigma / (1 + (s - 1) * sigma) (wan/utils/fm_solvers.py get_sampling_sigmas; SD3 eq. 23)."""
+    """sigma' = s * sigma / (1 + (s - 1) * sigma) (the official get_sampling_sigmas; SD3 eq. 23)."""
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     return shift * sigmas / (1 + (shift - 1) * sigmas)

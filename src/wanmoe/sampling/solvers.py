@@ -1,4 +1,4 @@
-"""Flow-matching ODE solvers as plain functions over a denoise callable (STYLE.md 3).
+"""Flow-matching ODE solvers as plain functions over a denoise callable.
 
 Parameterisation: `denoise(x, sigma) -> velocity` with x_sigma = (1 - sigma) * x0 + sigma * noise and
 v = noise - x0, so the data prediction is x0 = x - sigma * v. `sigma` is passed as a 0-dim tensor taken from the

@@ -1,4 +1,4 @@
-"""Train one noise expert (or the single-expert baseline) of the small S2V model: a flat loop (STYLE.md 19).
+"""Train one noise expert (or the single-expert baseline) of the small S2V model: a flat loop.
 
 Axis legend: B batch, C latent channels, F latent frames, H/W latent height/width, S text tokens,
 K audio layers, Dm audio feature width, A audio frames (video fps).
