@@ -140,11 +140,44 @@ CASES = [
     (["--task", "t2v-tiny", "--ckpt_dir", "{media}/absent"], ["--ckpt_dir", "is not a folder"]),
     (["--task", "t2v-A14B", "--size", "832*480"], ["--ckpt_dir", "is needed"]),
     (["--task", "t2v-A14B", "--size", "832*480", "--ckpt_dir", "{media}"], ["incomplete", "low_noise_model"]),
+    (["--task", "t2v-tiny", "--ckpt_dir", "{bad_ckpt}/config_type"], ["config.json", "dim"]),
+    (["--task", "t2v-tiny", "--ckpt_dir", "{bad_ckpt}/shapes"], ["low_noise_model", "shape"]),
+    (["--task", "t2v-tiny", "--ckpt_dir", "{bad_ckpt}/truncated"], ["high_noise_model", "diffusion_pytorch_model"]),
+    (["--task", "t2v-tiny", "--ckpt_dir", "{bad_ckpt}/outside"], ["index", "evil"]),
+    ([*S2V, "--ckpt_dir", "{t2v}"], ["{t2v}", "s2v-tiny"]),
     # outputs
     ([*T2V, "--save_file", "{out}/video.avi"], ["--save_file", ".mp4"]),
     ([*T2V, "--save_file", "{media}/text.png/out.mp4"], ["--save_file", "cannot write"]),
     ([*T2V, "--save_file", "{media}/folder.mp4"], ["--save_file"]),
 ]
+
+
+@pytest.fixture(scope="module")
+def bad_ckpt(tiny_ckpt, tmp_path_factory):
+    """Copies of the tiny t2v checkpoint, each broken one way that would otherwise surface mid-sampling."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_ckpt("t2v-tiny")
+    d = tmp_path_factory.mktemp("bad_ckpt")
+    for name in ("config_type", "shapes", "truncated", "outside"):
+        shutil.copytree(src, d / name)
+    cfg = d / "config_type" / "low_noise_model" / "config.json"
+    raw = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**raw, "dim": str(raw["dim"])}))  # "dim": "64": a string where an int belongs
+    low = d / "shapes" / "low_noise_model" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(low)
+    key = next(k for k, v in sd.items() if v.ndim == 2)
+    sd[key] = sd[key][:, :-1].contiguous()  # one weight a column short: found before any step runs
+    save_file(sd, low)
+    shard = d / "truncated" / "high_noise_model" / "diffusion_pytorch_model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    folder = d / "outside" / "low_noise_model"
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    keys = list(load_file(weights))
+    weights.rename(d / "outside" / "evil.safetensors")
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": dict.fromkeys(keys, "../evil.safetensors")}))
+    return d
 
 
 def _fmt(argv: list[str], paths: dict[str, str]) -> list[str]:
@@ -153,14 +186,14 @@ def _fmt(argv: list[str], paths: dict[str, str]) -> list[str]:
 
 @pytest.mark.parametrize(("argv", "needles"), CASES, ids=[" ".join(c[0][2:] if c[0][0] == "--task" else c[0])[:60]
                                                             for c in CASES])
-def test_cli_refuses_bad_input(argv, needles, tiny_ckpt, bad_media, tmp_path, capsys, monkeypatch):
+def test_cli_refuses_bad_input(argv, needles, tiny_ckpt, bad_media, bad_ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (bad_media / "folder.mp4").mkdir(exist_ok=True)
     monkeypatch.setenv("WANMOE_OUTPUT_DIR", str(out))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     paths = {"t2v": str(tiny_ckpt("t2v-tiny")), "i2v": str(tiny_ckpt("i2v-tiny")), "s2v": str(tiny_ckpt("s2v-tiny")),
-             "media": str(bad_media), "out": str(out)}
+             "media": str(bad_media), "out": str(out), "bad_ckpt": str(bad_ckpt)}
     args = _fmt(argv, paths)
     if "--save_file" not in args:
         args += ["--save_file", str(out / "video.mp4")]
@@ -175,9 +208,10 @@ def test_cli_refuses_bad_input(argv, needles, tiny_ckpt, bad_media, tmp_path, ca
     if lines[0].startswith("usage:"):  # argparse refuses the flag's syntax itself: usage, then one error line
         assert lines[-1].startswith("wanmoe generate: error:"), err
     else:  # ours: one line (an incomplete checkpoint folder adds the expected layout below it)
-        assert lines[0].startswith("error:") and (len(lines) == 1 or "incomplete" in lines[0]), err
+        several = "incomplete" in lines[0] or "cannot serve" in lines[0]  # a checkpoint: every problem listed
+        assert lines[0].startswith("error:") and (len(lines) == 1 or several), err
     for n in needles:
-        assert n in err, (n, err)
+        assert n.format(**paths) in err, (n, err)
     assert list(out.iterdir()) == [], "bad input must write nothing"
 
 

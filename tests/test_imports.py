@@ -1,5 +1,5 @@
 """The import graph of the package, read with `ast` (imports inside functions included): no cycle anywhere, and
-the layers STYLE.md asks for (the pipeline imports neither the CLI nor the loader; nothing below the CLI parses
+the layers the architecture asks for (the pipeline imports neither the CLI nor the loader; nothing below the CLI parses
 arguments)."""
 
 from __future__ import annotations

@@ -80,3 +80,15 @@ def test_official_lookup():
     assert official_peak_gb("t2v-A14B", "1280*720", flags) == 59.8
     assert official_peak_gb("t2v-A14B", "720*1280", flags) == 59.8
     assert official_peak_gb("t2v-A14B", "1280*720", OffloadFlags()) is None
+
+
+def test_plan_covers_every_task_of_the_registry():
+    """Every task `wanmoe plan` lists can be planned, S2V-14B included (its forward must trace on meta)."""
+    from wanmoe.configs import PRESETS
+
+    for name, cfg in PRESETS.items():
+        size = "832*480" if cfg.layout != "small" else cfg.default_size
+        p = plan_memory(cfg, size, OffloadFlags(offload_model=True, convert_model_dtype=True))
+        assert p.peak > 0 and p.tokens > 0, name
+    s2v = plan_memory(PRESETS["s2v-14B"], "832*480", OffloadFlags(offload_model=True, convert_model_dtype=True))
+    assert s2v.tokens == 20 * 30 * 52  # 20 latent frames after the motion context, 60x104 latent, 2x2 patches

@@ -1,4 +1,4 @@
-"""The task registry: the one place where sizes, defaults, expert cuts, layouts and strides live (STYLE.md 1).
+"""The task registry: the one place where sizes, defaults, expert cuts, layouts and strides live.
 
 A `PipelineConfig` composes the component configs (DiT, VAE, encoders) with the task's sampling defaults, its
 expert layout, its checkpoint layout and its output sizes. Official values come from the Wan2.2 configs (spec
@@ -25,7 +25,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # Frames the official S2V code drops from the first clip when it does not start from the reference image.
 S2V_FIRST_CLIP_DROP = 3
 
-# Negative prompts (spec section 3), verbatim values of the official configs.
+# Negative prompts: verbatim values of the official configs.
 NEG_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
     "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"

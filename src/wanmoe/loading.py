@@ -27,6 +27,7 @@ from wanmoe.models.dit import DiTConfig
 from wanmoe.models.vae import VAEConfig, WanVAE
 from wanmoe.pipeline import Components
 from wanmoe.request import InputError, LoadOptions
+from wanmoe.verify import cheap_check
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,12 @@ def load_components(cfg: PipelineConfig, opts: LoadOptions, parallel: ParallelSt
         check_small_layout(cfg, root)
     else:
         ck.check_layout(root, cfg.layout)
+    # The cheap part of `wanmoe verify`: every header, index, config field and tensor shape the task reads, so a
+    # malformed or truncated file is found now, not when a lazily loaded expert is first used mid-sampling.
+    problems = cheap_check(root, cfg)
+    if problems:
+        raise ValueError(f"checkpoint folder {root} cannot serve task {cfg.task}:\n  " + "\n  ".join(problems)
+                         + f"\n(`wanmoe verify --ckpt_dir {root}` checks the whole folder)")
     folders = expert_folders(cfg, root)
     small = cfg.layout == "small"  # wanmoe's own small models: the preset defines the sizes
     for name, folder in folders.items():  # fail before any weights load: config.json must match the task

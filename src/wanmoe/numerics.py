@@ -1,4 +1,4 @@
-"""The numerics policy, written once (STYLE.md 13): which tensors stay fp32, what `convert_model_dtype` means,
+"""The numerics policy, written once: which tensors stay fp32, what `convert_model_dtype` means,
 and the dtype the pipeline computes in on each device. The loader, `cast_`, int8 and the planner all ask here.
 
 1. **Which submodules stay fp32.** Exactly those a model class lists in its `FP32_MODULES` class attribute

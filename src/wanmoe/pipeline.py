@@ -213,7 +213,7 @@ class I2VClips(T2VClips):
 
 class S2VClips:
     """Speech-to-video: clips of `infer_frames`, each conditioned on its audio, the reference image and the
-    newest decoded frames of the clip before (motion frames; wan/speech2video.py, spec 11)."""
+    newest decoded frames of the clip before (motion frames), as the official S2V pipeline does."""
 
     def __init__(self, c: Components, req: Request, inputs: Inputs, ctx: Tensor, ctx_null: Tensor) -> None:
         self.c, self.req, self.ctx, self.ctx_null = c, req, ctx, ctx_null

@@ -41,7 +41,8 @@ SETUPS: dict[str, tuple[str, dict, dict]] = {
     "two-audio1": ("", {"motion_scale": 1.0}, {}),
     "one-audio1": ("single_expert", {"motion_scale": 1.0}, {}),
 }
-# Frames the first clip loses (wan/speech2video.py): generated frame k shows ground-truth frame k + DROPPED.
+# Frames the first clip loses (as the official S2V pipeline drops them): generated frame k shows ground-truth
+# frame k + DROPPED.
 DROPPED = PRESETS["s2v-mini"].dropped_frames(start_from_ref=False)
 # Real-speech eval samples: (sentence, espeak-ng voice). Written by hand, so none is a training sentence
 # (those are drawn from `wanmoe.data.espeak.WORDS`); the first is the single sample of earlier reports.

@@ -1,4 +1,4 @@
-"""Residency manager: which expert lives on the compute device, applied from outside the networks (STYLE.md 7).
+"""Residency manager: which expert lives on the compute device, applied from outside the networks.
 
 The networks never move themselves. An `ExpertPool` holds one loader per expert (a zero-argument callable
 that returns the module, typically built on meta and filled from memory-mapped safetensors) and decides,
@@ -43,7 +43,7 @@ Loader = Callable[[], nn.Module]
 
 @dataclass(frozen=True)
 class OffloadFlags:
-    """The official memory flags (generate.py of Wan2.2, spec section 14), in one place.
+    """The official memory flags (the official Wan2.2 generate.py's), in one place.
 
     offload_model: keep idle models off the compute device (experts swap at the boundary, the text
         encoder and the experts leave the device after use). Official default: True on one process.

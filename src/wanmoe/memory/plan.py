@@ -6,7 +6,7 @@ tensors under a dispatch mode that tracks live storage bytes (allocated when an 
 when its last tensor dies), so the prediction follows the code, not a formula. Attention is replaced by its
 fused-kernel footprint (output only; flash/SDPA-efficient kernels never materialise the L x L scores).
 
-Phases on one GPU, after the official generate.py (spec sections 8 and 14):
+Phases on one GPU, after the official generate.py:
   encode : text encoder on the GPU unless --t5_cpu (S2V: plus the audio encoder);
   denoise: one expert (--offload_model, experts swap at the boundary) or all experts, plus one DiT forward;
   decode : the VAE decode; experts (and the text encoder) stay on the GPU only without --offload_model.
@@ -36,8 +36,8 @@ from wanmoe.memory.offload import OffloadFlags
 __all__ = ["LiveBytes", "MemoryPlan", "plan_memory", "official_peak_gb", "OFFICIAL_1GPU_GB", "main"]
 
 GB = 1e9
-# Official single-GPU peaks (GB), --offload_model True --convert_model_dtype, H100 (peers.md section 1.1,
-# from Wan-Video/Wan2.2 assets/comp_effic.png). S2V has no published figure ("at least 80GB").
+# Official single-GPU peaks (GB), --offload_model True --convert_model_dtype, H100, as the Wan2.2 project publishes
+# them in its computational-efficiency table. S2V has no published figure ("at least 80GB").
 OFFICIAL_1GPU_GB: dict[tuple[str, str], float] = {
     ("t2v-A14B", "1280*720"): 59.8, ("t2v-A14B", "832*480"): 41.3,
     ("i2v-A14B", "1280*720"): 59.7, ("i2v-A14B", "832*480"): 41.0,
@@ -133,10 +133,20 @@ class MemoryPlan:
         return max(self.phases.values())
 
 
+def latent_frames(cfg, frames: int) -> int:  # noqa: ANN001 (PipelineConfig)
+    """Latent frames the DiT samples: one clip of `frames` pixel frames (S2V: `frames` = infer_frames, after the
+    motion context, as the pipeline's S2V clips are laid out)."""
+    st = cfg.vae_stride[0]
+    if cfg.dit.s2v is not None:
+        s = cfg.dit.s2v
+        return -(-(frames + s.motion_frames) // st) - s.lat_motion_frames
+    return (frames - 1) // st + 1
+
+
 def _dit_inputs(cfg, frames: int, w: int, h: int) -> Callable[[nn.Module], Tensor]:  # noqa: ANN001
     dit = cfg.dit
-    st, sh, sw = cfg.vae_stride
-    f, lh, lw = (frames - 1) // st + 1, h // sh, w // sw
+    _, sh, sw = cfg.vae_stride
+    f, lh, lw = latent_frames(cfg, frames), h // sh, w // sw
 
     def run(model: nn.Module) -> Tensor:
         x = torch.empty(1, 16 if dit.in_dim != 48 else 48, f, lh, lw, device="meta")  # (B, C, F, H, W)
@@ -150,7 +160,7 @@ def _dit_inputs(cfg, frames: int, w: int, h: int) -> Callable[[nn.Module], Tenso
 
             s = dit.s2v
             kw["s2v"] = S2VInputs(
-                audio=torch.empty(1, s.num_audio_layers, s.audio_dim, frames + s.motion_frames, device="meta"),
+                audio=torch.empty(1, s.num_audio_layers, s.audio_dim, frames, device="meta"),  # (B, K, Da, A)
                 ref_latents=torch.empty(1, 16, 1, lh, lw, device="meta"),
                 motion_latents=torch.empty(1, 16, s.lat_motion_frames, lh, lw, device="meta"),
             )
@@ -170,7 +180,7 @@ def plan_memory(cfg, size: str, flags: OffloadFlags, *, frames: int | None = Non
 
     w, h = (int(v) for v in size.split("*"))
     if frames is None:
-        frames = cfg.infer_frames + 1 if cfg.modality == "s2v" else cfg.frame_num
+        frames = cfg.infer_frames if cfg.modality == "s2v" else cfg.frame_num
     # The loader's dtype for a GPU (numerics.weight_dtype); None keeps the stored dtype: official shards are fp32.
     dit_dtype = numerics.weight_dtype("cuda", flags.convert_model_dtype) or torch.float32
     with torch.device("meta"):
@@ -191,8 +201,9 @@ def plan_memory(cfg, size: str, flags: OffloadFlags, *, frames: int | None = Non
         tokens[0] = out.shape[2] * out.shape[3] * out.shape[4] // 4
         return out
 
-    lat = torch.Size((1, cfg.vae.z_dim, (frames - 1) // cfg.vae_stride[0] + 1,
-                      h // cfg.vae_stride[1], w // cfg.vae_stride[2]))
+    # The decode: T2V/I2V one clip; S2V the motion context's latents followed by the clip's.
+    lat_f = latent_frames(cfg, frames) + (cfg.dit.s2v.lat_motion_frames if cfg.dit.s2v is not None else 0)
+    lat = torch.Size((1, cfg.vae.z_dim, lat_f, h // cfg.vae_stride[1], w // cfg.vae_stride[2]))
     key = (cfg.task, size, frames, dit_dtype)
     if cache is not None and key in cache:
         dit_act, vae_act, tokens[0] = cache[key]
@@ -274,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in skipped:
         print(f"skipped: {line}")
     print("predicted = tensor bytes at the peak phase (max_memory_allocated); official = measured process peak, "
-          "H100, --offload_model True --convert_model_dtype (Wan2.2 comp_effic table, peers.md 1.1)")
+          "H100, --offload_model True --convert_model_dtype (the Wan2.2 computational-efficiency table)")
     return 0
 
 

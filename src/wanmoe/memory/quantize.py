@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization of Linear layers, applied from outside the network (STYLE.md 7).
+"""Weight-only int8 quantization of Linear layers, applied from outside the network.
 
 `quantize_(model, "int8")` swaps every `nn.Linear` (minus `skip`) for an `Int8Linear` holding an int8 weight
 (O, I) and one float32 scale per output channel (O,), symmetric absmax: w ~= q * s, s = max|w_row| / 127
@@ -117,7 +117,7 @@ def quantize_(model: nn.Module, mode: str = "int8", *,
     skip: glob patterns / name prefixes (e.g. ["head.*", "time_embedding.*"]) or a predicate(name, module).
     only: if given, exactly these module names are quantized (used when loading a quantized file).
     Works on meta-device models (structure only). Modules the numerics policy keeps fp32 (the model's
-    `FP32_MODULES`) are never quantized: the model declared them numerically sensitive (STYLE.md 13).
+    `FP32_MODULES`) are never quantized: the model declared them numerically sensitive.
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; supported: {MODES}")

@@ -214,7 +214,9 @@ class FramePacker(nn.Module):
             w_idx = stretched_positions(0, w // 2 - 1, nw)
             grid = torch.stack(torch.meshgrid(t_idx, h_idx, w_idx, indexing="ij"), dim=-1).reshape(-1, 3)
             pos.append(grid)
-        return torch.cat(toks, dim=1).float(), torch.cat(pos).to(motion.device)  # (B, Lm, D), (Lm, 3)
+        # Positions follow from the shapes alone: they stay on the host (no device round trip, and a meta-device
+        # model, as the memory planner builds, can trace this).
+        return torch.cat(toks, dim=1).float(), torch.cat(pos)  # (B, Lm, D), (Lm, 3)
 
 
 def attach_s2v_modules(model: nn.Module, cfg) -> None:  # cfg: DiTConfig (not imported: dit.py imports this module)
@@ -262,7 +264,7 @@ def s2v_tokens(
         mot, mot_pos = model.frame_packer(inp.motion_latents)
         parts.append(mot)
         types.append(2)
-        positions.append(mot_pos.cpu())
+        positions.append(mot_pos)
     lens = [p.shape[1] for p in parts]
     type_ids = torch.repeat_interleave(torch.tensor(types), torch.tensor(lens)).to(x.device)  # (L_all,)
     tokens = torch.cat(parts, dim=1) + model.trainable_cond_mask(type_ids).float()  # (B, L_all, D)
