@@ -40,7 +40,7 @@ NEG_PROMPT_S2V = (
 @dataclass(frozen=True)
 class PipelineConfig:
     task: str
-    modality: str  # "t2v" | "i2v" | "ti2v" | "s2v": which conditioning preparation runs
+    modality: str  # "t2v" | "i2v" | "s2v": which conditioning preparation runs (pipeline.CLIPS)
     dit: DiTConfig
     vae: VAEConfig
     # Experts, high noise first. Folder names follow the official layout; a single-expert model has one entry.
