@@ -10,6 +10,7 @@ the mp4 with its sound and the JSON sidecar together, or neither.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -26,6 +27,7 @@ from wanmoe.distributed.env import ParallelState
 from wanmoe.inputs import Inputs, read_inputs
 from wanmoe.pipeline import Components, ProgressFn, generate
 from wanmoe.request import InputError, LoadOptions, Request, make_options, make_request
+from wanmoe.sampling.cache import CALIBRATION_FILE, Recorder
 from wanmoe.version import __version__
 
 
@@ -45,6 +47,7 @@ class Video:
     options: LoadOptions
     timings: dict[str, float] = field(default_factory=dict)
     expert_steps: dict[str, int] = field(default_factory=dict)
+    expert_calls: dict[str, int] = field(default_factory=dict)  # transformer evaluations (fewer with `cache`)
     inputs: dict[str, str] = field(default_factory=dict)
     world_size: int = 1
 
@@ -69,6 +72,7 @@ class Video:
             "fps": self.fps,
             "timings": self.timings,
             "expert_steps": self.expert_steps,
+            "expert_calls": self.expert_calls,
             "versions": versions(),
         }
 
@@ -104,16 +108,23 @@ class Pipeline:
         audio: object = None,
         sr: int | None = None,
         pose_video: object = None,
+        tts_text: str | None = None,
+        tts_voice: str | None = None,
         progress: ProgressFn | None = None,
         **settings: object,
     ) -> Video:
-        """Generate one video. `settings` are `make_request` keywords (steps, seed, size, guide_scale, ...)."""
+        """Generate one video. `settings` are `make_request` keywords (steps, seed, size, guide_scale, ...);
+        `tts_text` (S2V, in place of `audio`) is spoken by espeak-ng in `tts_voice`."""
         req = make_request(self.cfg, prompt=prompt, **settings)
-        inputs = read_inputs(self.cfg, image=image, audio=audio, sr=sr, pose_video=pose_video)
+        inputs = read_inputs(self.cfg, image=image, audio=audio, sr=sr, pose_video=pose_video, tts_text=tts_text,
+                             tts_voice=tts_voice)
         return self.run(req, inputs, progress=progress)
 
     def run(self, req: Request, inputs: Inputs, *, progress: ProgressFn | None = None) -> Video:
         """Generate from an already validated request and inputs (what `__call__` and the CLI use)."""
+        if req.cache is not None and self.components.cache_calibration is None:
+            raise InputError("cache", f"needs a step-cache calibration for this model ({CALIBRATION_FILE} in its "
+                                      "folder); make one with Pipeline.calibrate_cache")
         t0 = time.perf_counter()
         res = generate(self.components, req, inputs, progress=progress)
         timings = dict(res.timings, total_s=time.perf_counter() - t0)
@@ -123,8 +134,30 @@ class Pipeline:
             # where the kept frames start, so lips and sound line up (docs/api.md).
             audio = inputs.audio[int(round(res.audio_offset_s * inputs.sr)) :]
         return Video(frames=res.video, fps=res.fps, audio=audio, sr=inputs.sr, request=req, options=self.options,
-                     timings=timings, expert_steps=res.expert_steps, inputs=dict(inputs.sources or {}),
+                     timings=timings, expert_steps=res.expert_steps, expert_calls=res.expert_calls,
+                     inputs=dict(inputs.sources or {}),
                      world_size=self.components.parallel.world)
+
+
+    def calibrate_cache(self, runs: list[dict] | None = None, path: str | os.PathLike | None = None) -> dict:
+        """Calibrate step caching for this model from uncached runs (`runs`: keyword dicts for `__call__`; default:
+        three seeds with the task's example inputs); returns the calibration and writes it to `path` if given.
+
+        The calibration is a function of log-SNR per expert, so it serves any step count, shift and solver.
+        """
+        rec = Recorder()
+        for kw in runs or [{"seed": s} for s in range(3)]:
+            kw = dict(kw)
+            inputs = read_inputs(self.cfg, image=kw.pop("image", None), audio=kw.pop("audio", None),
+                                 sr=kw.pop("sr", None), pose_video=kw.pop("pose_video", None))
+            req = make_request(self.cfg, **kw)
+            generate(self.components, req, inputs, recorder=rec)
+        cal = rec.calibration()
+        self.components.cache_calibration = cal
+        data = cal.to_json()
+        if path is not None:
+            Path(path).write_text(json.dumps(data, indent=1))
+        return data
 
 
 def resolve(model: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None,

@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 from wanmoe.api import Pipeline
-from wanmoe.configs import DEFAULT_TASK, PRESETS, get_preset
+from wanmoe.configs import ASSETS, DEFAULT_TASK, PRESETS, get_preset
 from wanmoe.distributed.env import ParallelState, broadcast_seed, destroy_parallel, init_parallel
 from wanmoe.experts import format_table, schedule_table
 from wanmoe.inputs import read_inputs
 from wanmoe.loading import load_components
 from wanmoe.pipeline import Progress
 from wanmoe.request import InputError, make_options, make_request
+from wanmoe.sampling.cache import CALIBRATION_FILE
 from wanmoe.sampling.schedules import SOLVERS, SPACINGS, flow_sigmas
 
 log = logging.getLogger("wanmoe")
@@ -82,6 +83,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     off.add_argument("--start_from_ref", action="store_true", help="s2v: start the video from the reference image")
     off.add_argument("--infer_frames", type=int, default=None,
                       help="s2v: frames per clip, multiple of 4 (default: task)")
+    off.add_argument("--enable_tts", action="store_true", help="s2v: speak --tts_text (implied by --tts_text)")
+    off.add_argument("--tts_text", default=None, help="s2v: words to speak with espeak-ng in place of --audio")
+    off.add_argument("--tts_prompt_audio", default=None, help="official CosyVoice voice prompt: refused (no download)")
+    off.add_argument("--tts_prompt_text", default=None, help="official CosyVoice prompt text: refused (no download)")
 
     ours = p.add_argument_group("noise-expert flags (wanmoe)")
     ours.add_argument("--boundary", type=float, default=None,
@@ -100,6 +105,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                       help="run the conditional and unconditional passes on two rank groups (world = 2 x ulysses_size)")
     ours.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     ours.add_argument("--int8", action="store_true", help="weight-only int8 experts")
+    ours.add_argument("--tts_voice", default=None, help="s2v: espeak-ng voice for --tts_text (default: espeak-ng's)")
+    ours.add_argument("--cache", type=float, default=None,
+                      help="step caching per expert: skip transformer evaluations whose output the model's calibration "
+                           "predicts within this accumulated relative error (e.g. 0.1); None = off (official)")
+    ours.add_argument("--cache_max_skips", type=int, default=2, help="with --cache: consecutive skips per expert")
     ours.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -114,7 +124,11 @@ FLAGS = {
     "device": "--device", "offload_model": "--offload_model", "t5_cpu": "--t5_cpu", "int8": "--int8",
     "convert_model_dtype": "--convert_model_dtype", "ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel",
     "dit_fsdp": "--dit_fsdp", "t5_fsdp": "--t5_fsdp", "save_file": "--save_file", "model": "--task",
+    "cache": "--cache", "cache_max_skips": "--cache_max_skips",
+    "tts_text": "--tts_text", "tts_voice": "--tts_voice",
 }
+TTS_CLOUD = ("needs the official CosyVoice voice-cloning model, which is fetched from the cloud; wanmoe downloads "
+             "nothing and speaks --tts_text with espeak-ng (pick a voice with --tts_voice)")
 
 
 def output_dir() -> Path:
@@ -163,7 +177,8 @@ def request_kwargs(args: argparse.Namespace) -> dict:
                 steps=args.sample_steps, shift=args.sample_shift, solver=args.sample_solver, guide_scale=guide,
                 boundary=args.boundary, threshold=args.expert_threshold, blend=args.expert_blend,
                 noise_schedule=args.noise_schedule, motion_scale=args.motion_scale, num_clip=args.num_clip,
-                infer_frames=args.infer_frames, start_from_ref=args.start_from_ref)
+                infer_frames=args.infer_frames, start_from_ref=args.start_from_ref, cache=args.cache,
+                cache_max_skips=args.cache_max_skips)
 
 
 def _progress_bars(enabled: bool):  # noqa: ANN202 (returns a progress callback and a closer)
@@ -194,6 +209,11 @@ def _progress_bars(enabled: bool):  # noqa: ANN202 (returns a progress callback 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun; 1 for a plain `python generate.py`
+    for flag in ("tts_prompt_audio", "tts_prompt_text"):
+        if getattr(args, flag) is not None:
+            return _fail(f"--{flag} {TTS_CLOUD}")
+    if args.enable_tts and args.tts_text is None:
+        return _fail("--enable_tts needs --tts_text (the words to speak)")
     try:
         cfg = get_preset(args.task)
         req = make_request(cfg, **request_kwargs(args))  # every setting checked before any weights load
@@ -201,7 +221,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype, int8=args.int8,
                             ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel, dit_fsdp=args.dit_fsdp,
                             t5_fsdp=args.t5_fsdp, world=world)
-        inputs = read_inputs(cfg, image=args.image, audio=args.audio, pose_video=args.pose_video)
+        inputs = read_inputs(cfg, image=args.image, audio=args.audio, pose_video=args.pose_video,
+                             tts_text=args.tts_text, tts_voice=args.tts_voice)
+        root = Path(opts.ckpt_dir) if opts.ckpt_dir else ASSETS / cfg.task
+        if req.cache is not None and not (root / CALIBRATION_FILE).is_file():
+            raise InputError("cache", f"needs a step-cache calibration for this model ({root / CALIBRATION_FILE}); "
+                                      "make one with Pipeline.calibrate_cache (docs/performance.md)")
         save = Path(args.save_file) if args.save_file else default_save_file(cfg.task, req.size, opts.ulysses_size,
                                                                               req.prompt)
         if int(os.environ.get("RANK", "0")) == 0:

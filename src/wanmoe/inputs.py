@@ -194,14 +194,24 @@ def load_audio(audio: object, sr: int | None = None, *, fps: int = 16) -> np.nda
 
 
 def read_inputs(cfg: PipelineConfig, *, image: object = None, audio: object = None, sr: int | None = None,
-                pose_video: object = None) -> Inputs:
-    """The inputs a task needs, read and checked; the embedded task falls back to its example image and audio."""
+                pose_video: object = None, tts_text: str | None = None, tts_voice: str | None = None) -> Inputs:
+    """The inputs a task needs, read and checked; the embedded task falls back to its example image and audio.
+    `tts_text` is spoken by espeak-ng (wanmoe.tts) and drives the video in place of `audio`."""
     sources: dict[str, str] = {}
     s2v = cfg.modality == "s2v"
     if not s2v:
-        for name, v in (("audio", audio), ("pose_video", pose_video)):
+        for name, v in (("audio", audio), ("pose_video", pose_video), ("tts_text", tts_text)):
             if v is not None:
                 raise InputError(name, f"only applies to s2v tasks, not {cfg.task}")
+    if tts_text is not None:
+        if audio is not None:
+            raise InputError("tts_text", "cannot be combined with audio: give the words to speak or the audio")
+        from wanmoe import tts
+
+        audio, sr = tts.speak(tts_text, voice=tts_voice, sr=AUDIO_SR), AUDIO_SR
+        sources["audio"] = f"tts_text (espeak-ng, voice {tts_voice or 'default'}): {tts_text.strip()[:200]}"
+    elif tts_voice is not None:
+        raise InputError("tts_voice", "only applies with tts_text")
     if cfg.modality == "t2v" and image is not None:
         raise InputError("image", f"does not apply to {cfg.task} (text-to-video); use an i2v task")
     if s2v and cfg.embedded:
@@ -219,7 +229,7 @@ def read_inputs(cfg: PipelineConfig, *, image: object = None, audio: object = No
         sources["image"] = str(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
     if audio is not None:
         out.audio = load_audio(audio, sr, fps=cfg.sample_fps)
-        sources["audio"] = str(audio) if isinstance(audio, (str, os.PathLike)) else "array"
+        sources.setdefault("audio", str(audio) if isinstance(audio, (str, os.PathLike)) else "array")
     if pose_video is not None:
         if not isinstance(pose_video, (str, os.PathLike)):
             out.pose = pose_video
