@@ -1,25 +1,31 @@
-"""The real command line, with `Video.save` also writing the frames it muxes (`<file>.frames.safetensors`).
+"""The real command line, with the muxer also writing the frames it receives (`<file>.frames.safetensors`).
 
 Tests run it (also under torchrun) to compare generated tensors rather than re-encoded H.264.
 """
 
 import sys
 
+import torch
 from safetensors.torch import save_file
 
-from wanmoe import api
+from wanmoe import media
 from wanmoe.cli import generate_main
 
-_save = api.Video.save
+_add, _close = media.VideoWriter.add, media.VideoWriter.close
 
 
-def _save_with_frames(self, path, **kw):  # noqa: ANN001, ANN003, ANN202
-    out = _save(self, path, **kw)
-    save_file({"frames": self.frames.contiguous()}, f"{path}.frames.safetensors")
+def _add_keeping(self, video):  # noqa: ANN001, ANN202
+    self.__dict__.setdefault("kept", []).append(video.clone())
+    return _add(self, video)
+
+
+def _close_saving(self, sidecar=None):  # noqa: ANN001, ANN202
+    out = _close(self, sidecar)
+    save_file({"frames": torch.cat(self.kept, dim=1).contiguous()}, f"{self.dest}.frames.safetensors")
     return out
 
 
-api.Video.save = _save_with_frames
+media.VideoWriter.add, media.VideoWriter.close = _add_keeping, _close_saving
 
 if __name__ == "__main__":
     sys.exit(generate_main())

@@ -25,7 +25,7 @@ from wanmoe import loading, media
 from wanmoe.configs import PRESETS, PipelineConfig, get_preset
 from wanmoe.distributed.env import ParallelState
 from wanmoe.inputs import Inputs, read_inputs
-from wanmoe.pipeline import Components, ProgressFn, generate
+from wanmoe.pipeline import Components, PreviewFn, ProgressFn, generate
 from wanmoe.request import InputError, LoadOptions, Request, make_options, make_request
 from wanmoe.sampling.cache import CALIBRATION_FILE, Recorder
 from wanmoe.version import __version__
@@ -111,32 +111,54 @@ class Pipeline:
         tts_text: str | None = None,
         tts_voice: str | None = None,
         progress: ProgressFn | None = None,
+        preview: PreviewFn | None = None,
+        save: str | os.PathLike | None = None,
+        keep_frames: bool = True,
         **settings: object,
     ) -> Video:
         """Generate one video. `settings` are `make_request` keywords (steps, seed, size, guide_scale, ...);
-        `tts_text` (S2V, in place of `audio`) is spoken by espeak-ng in `tts_voice`."""
+        `tts_text` (S2V, in place of `audio`) is spoken by espeak-ng in `tts_voice`; `preview` receives each step's
+        x0 prediction and the decoded frames as they appear (`wanmoe.pipeline.Preview`). With `save`, each clip is
+        muxed into that mp4 as soon as it is decoded, and the sidecar written beside it at the end (with
+        `keep_frames=False` the frames are not also kept: memory stays flat however long the audio)."""
         req = make_request(self.cfg, prompt=prompt, **settings)
         inputs = read_inputs(self.cfg, image=image, audio=audio, sr=sr, pose_video=pose_video, tts_text=tts_text,
                              tts_voice=tts_voice)
-        return self.run(req, inputs, progress=progress)
+        return self.run(req, inputs, progress=progress, preview=preview, save=save, keep_frames=keep_frames)
 
-    def run(self, req: Request, inputs: Inputs, *, progress: ProgressFn | None = None) -> Video:
+    def run(self, req: Request, inputs: Inputs, *, progress: ProgressFn | None = None,
+            preview: PreviewFn | None = None, save: str | os.PathLike | None = None,
+            keep_frames: bool = True) -> Video:
         """Generate from an already validated request and inputs (what `__call__` and the CLI use)."""
         if req.cache is not None and self.components.cache_calibration is None:
             raise InputError("cache", f"needs a step-cache calibration for this model ({CALIBRATION_FILE} in its "
                                       "folder); make one with Pipeline.calibrate_cache")
-        t0 = time.perf_counter()
-        res = generate(self.components, req, inputs, progress=progress)
-        timings = dict(res.timings, total_s=time.perf_counter() - t0)
         audio = None
         if inputs.audio is not None:
             # The official mux starts the audio at 0 although the first clip dropped frames; the audio here starts
             # where the kept frames start, so lips and sound line up (docs/api.md).
-            audio = inputs.audio[int(round(res.audio_offset_s * inputs.sr)) :]
-        return Video(frames=res.video, fps=res.fps, audio=audio, sr=inputs.sr, request=req, options=self.options,
-                     timings=timings, expert_steps=res.expert_steps, expert_calls=res.expert_calls,
-                     inputs=dict(inputs.sources or {}),
-                     world_size=self.components.parallel.world)
+            offset = self.cfg.dropped_frames(req.start_from_ref) / self.cfg.sample_fps
+            audio = inputs.audio[int(round(offset * inputs.sr)) :]
+        writer = None
+        if save is not None and self.components.parallel.is_main:  # rank 0 alone writes the file
+            if Path(save).suffix.lower() != ".mp4":
+                raise InputError("save_file", f"must end in .mp4, got {str(save)!r}")
+            writer = media.VideoWriter(save, self.cfg.sample_fps, audio, inputs.sr)
+        t0 = time.perf_counter()
+        try:
+            res = generate(self.components, req, inputs, progress=progress, preview=preview,
+                           on_clip=None if writer is None else writer.add, keep_frames=keep_frames)
+            timings = dict(res.timings, total_s=time.perf_counter() - t0)
+            video = Video(frames=res.video, fps=res.fps, audio=audio, sr=inputs.sr, request=req, options=self.options,
+                          timings=timings, expert_steps=res.expert_steps, expert_calls=res.expert_calls,
+                          inputs=dict(inputs.sources or {}), world_size=self.components.parallel.world)
+            if writer is not None:
+                writer.close(lambda n: video.sidecar(str(save), n))
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        return video
 
 
     def calibrate_cache(self, runs: list[dict] | None = None, path: str | os.PathLike | None = None) -> dict:
@@ -146,7 +168,7 @@ class Pipeline:
         The calibration is a function of log-SNR per expert, so it serves any step count, shift and solver.
         """
         rec = Recorder()
-        for kw in runs or [{"seed": s} for s in range(3)]:
+        for kw in runs if runs is not None else [{"seed": s} for s in range(3)]:
             kw = dict(kw)
             inputs = read_inputs(self.cfg, image=kw.pop("image", None), audio=kw.pop("audio", None),
                                  sr=kw.pop("sr", None), pose_video=kw.pop("pose_video", None))

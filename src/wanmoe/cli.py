@@ -259,16 +259,15 @@ def _generate(args: argparse.Namespace, cfg, req, opts, inputs, save: Path, stat
     pipe = Pipeline(cfg, components, opts)
     on, close = _progress_bars(not args.quiet and state.is_main)
     try:
-        video = pipe.run(req, inputs, progress=on)
+        # Each clip is muxed into the file as soon as it is decoded (rank 0 only); nothing else keeps the frames.
+        video = pipe.run(req, inputs, progress=on, save=save, keep_frames=False)
+    except OSError as e:  # a full disk, a folder removed meanwhile: neither file was left behind
+        print(f"error: cannot write {save}: {e.strerror or e}", file=sys.stderr)
+        return 1
     finally:
         close()
     if not state.is_main:
         return 0  # rank 0 alone writes the output
-    try:
-        video.save(save)
-    except OSError as e:  # a full disk, a folder removed meanwhile: neither file was left behind
-        print(f"error: cannot write {save}: {e.strerror or e}", file=sys.stderr)
-        return 1
     written = json.loads(save.with_suffix(".json").read_text())["frames"]
     log.info("wrote %s (%d frames at %d fps, %.1f s)", save, written, video.fps, video.timings["total_s"])
     print(save)

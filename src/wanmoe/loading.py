@@ -27,6 +27,7 @@ from wanmoe.models.dit import DiTConfig
 from wanmoe.models.vae import VAEConfig, WanVAE
 from wanmoe.pipeline import Components
 from wanmoe.request import InputError, LoadOptions
+from wanmoe.sampling.cache import CALIBRATION_FILE, Calibration
 from wanmoe.verify import cheap_check
 
 log = logging.getLogger(__name__)
@@ -250,9 +251,11 @@ def load_components(cfg: PipelineConfig, opts: LoadOptions, parallel: ParallelSt
 
         # The official wrapper shards the umT5 inside it; the byte-level encoder is itself the module.
         apply_fsdp(getattr(text, "model", text), parallel)
+    cal_file = root / CALIBRATION_FILE
     return Components(
         cfg=cfg, text_encoder=text, vae=load_vae_for(cfg, root, device), experts=pool,
         audio_encoder=load_audio_encoder(cfg, root), device=device, dtype=compute, parallel=parallel,
+        cache_calibration=Calibration.load(cal_file) if cal_file.is_file() else None,
     )
 
 

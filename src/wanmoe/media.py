@@ -142,65 +142,140 @@ def _pad_even(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def _cut_to_shorter(frames: np.ndarray, audio: np.ndarray, fps: Fraction, sr: int) -> tuple[np.ndarray, np.ndarray]:
-    # Same semantics as ffmpeg -shortest: whole video frames only, audio trimmed to exactly those frames.
-    n_frames = min(len(frames), int(Fraction(len(audio)) * fps / sr))
-    if n_frames == 0:
-        raise ValueError(f"audio ({len(audio)} samples at {sr} Hz) is shorter than one video frame at {float(fps)} fps")
-    n_samples = min(len(audio), round(Fraction(n_frames) * sr / fps))
-    return frames[:n_frames], audio[:n_samples]
-
-
-def _mux(path: str, frames: np.ndarray, fps: Fraction, audio: np.ndarray | None, sr: int, crf: int) -> None:
-    import av
-
-    _, h, w, _ = frames.shape
-    with av.open(path, mode="w", format="mp4") as container:
-        vs = container.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-        vs.options = {"crf": str(crf), "preset": "medium"}
-        aus = None
-        if audio is not None:
-            aus = container.add_stream("aac", rate=sr, layout="mono")
-        for i, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            container.mux(vs.encode(frame))
-        container.mux(vs.encode(None))
-        if aus is not None:
-            # The AAC encoder takes exactly frame_size samples per frame (a shorter last one is allowed).
-            n = aus.codec_context.frame_size or 1024
-            for start in range(0, len(audio), n):
-                chunk = audio[None, start : start + n]  # (1, n) planar mono
-                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="mono")
-                af.sample_rate, af.pts = sr, start
-                container.mux(aus.encode(af))
-            container.mux(aus.encode(None))
-
-
-def _prepare(video: torch.Tensor | np.ndarray, fps: float, audio: np.ndarray | None,
-             sr: int) -> tuple[np.ndarray, Fraction, np.ndarray | None]:
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    frames = to_uint8_frames(video)
-    if len(frames) == 0:
-        raise ValueError("video has no frames")
-    rate = Fraction(fps).limit_denominator(1001)
-    if audio is not None:
-        if sr <= 0:
-            raise ValueError(f"sr must be positive, got {sr}")
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 1:
-            raise ValueError(f"audio must be mono 1-D float32, got shape {audio.shape}")
-        frames, audio = _cut_to_shorter(frames, audio, rate, sr)
-        audio = np.clip(audio, -1.0, 1.0)
-    return _pad_even(frames), rate, audio
-
-
 def _temp_beside(dest: Path, suffix: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=suffix, dir=dest.parent)
     os.close(fd)
     return tmp
+
+
+class VideoWriter:
+    """Streams frames into an H.264 (yuv420p) mp4 as they arrive, muxes the audio (known up front) as AAC at the
+    end, and makes the file and its JSON sidecar appear together at `close`, or neither.
+
+    Both streams are cut to the shorter, like ffmpeg -shortest: frames past the audio's end are dropped as they
+    come, and the audio is trimmed to the frames written. Memory holds one batch of frames at a time, so a long
+    video costs no more than a short one. Everything is written to temporary files beside `path` first; `abort`
+    (or leaving a `with` block by an exception, Ctrl-C included) removes them.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float, audio: np.ndarray | None = None, sr: int = 16000, *,
+                 crf: int = 18) -> None:
+        import av
+
+        self.dest = Path(path)
+        if self.dest.suffix.lower() != ".mp4":
+            raise ValueError(f"write_video writes mp4 only, got {str(self.dest)!r}")
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.rate = Fraction(fps).limit_denominator(1001)
+        self.audio, self.sr, self.crf = None, sr, crf
+        self.max_frames: int | None = None
+        if audio is not None:
+            if sr <= 0:
+                raise ValueError(f"sr must be positive, got {sr}")
+            a = np.asarray(audio, dtype=np.float32)
+            if a.ndim != 1:
+                raise ValueError(f"audio must be mono 1-D float32, got shape {a.shape}")
+            self.max_frames = int(Fraction(len(a)) * self.rate / sr)
+            if self.max_frames == 0:
+                raise ValueError(f"audio ({len(a)} samples at {sr} Hz) is shorter than one video frame at "
+                                 f"{float(self.rate)} fps")
+            self.audio = np.clip(a, -1.0, 1.0)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _temp_beside(self.dest, ".part.mp4")
+        self.container = av.open(self.tmp, mode="w", format="mp4")
+        self.vs = self.aus = None
+        self.frames = 0
+
+    def _open_streams(self, h: int, w: int) -> None:
+        self.vs = self.container.add_stream("libx264", rate=self.rate)
+        self.vs.width, self.vs.height, self.vs.pix_fmt = w, h, "yuv420p"
+        self.vs.options = {"crf": str(self.crf), "preset": "medium"}
+        if self.audio is not None:
+            self.aus = self.container.add_stream("aac", rate=self.sr, layout="mono")
+
+    def add(self, video: torch.Tensor | np.ndarray) -> None:
+        """Append frames: (3, T, H, W) float in [-1, 1] or uint8 (T, H, W, 3); odd H/W are edge-padded."""
+        import av
+
+        frames = _pad_even(to_uint8_frames(video))
+        if self.max_frames is not None:
+            frames = frames[: max(0, self.max_frames - self.frames)]
+        if len(frames) == 0:
+            return
+        if self.vs is None:
+            self._open_streams(*frames.shape[1:3])
+        elif frames.shape[1:3] != (self.vs.height, self.vs.width):
+            raise ValueError(f"frames of {frames.shape[2]}x{frames.shape[1]} after {self.vs.width}x{self.vs.height}")
+        for img in frames:
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = self.frames
+            self.container.mux(self.vs.encode(frame))
+            self.frames += 1
+
+    def _finish_mux(self) -> None:
+        import av
+
+        if self.vs is None:
+            raise ValueError("video has no frames")
+        self.container.mux(self.vs.encode(None))
+        if self.aus is not None:
+            n_samples = min(len(self.audio), round(Fraction(self.frames) * self.sr / self.rate))
+            audio = self.audio[:n_samples]
+            # The AAC encoder takes exactly frame_size samples per frame (a shorter last one is allowed).
+            n = self.aus.codec_context.frame_size or 1024
+            for start in range(0, len(audio), n):
+                chunk = audio[None, start : start + n]  # (1, n) planar mono
+                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="mono")
+                af.sample_rate, af.pts = self.sr, start
+                self.container.mux(self.aus.encode(af))
+            self.container.mux(self.aus.encode(None))
+        self.container.close()
+
+    def close(self, sidecar: Callable[[int], dict] | None = None) -> Path:
+        """Finish the file; with `sidecar(frames_written)`, write `<name>.json` too. Both appear, or neither."""
+        json_dest = self.dest.with_suffix(".json")
+        tmps, done = [self.tmp], []
+        try:
+            self._finish_mux()
+            os.chmod(self.tmp, 0o644)  # mkstemp creates 0600; give the final file ordinary permissions
+            if sidecar is not None:
+                jtmp = _temp_beside(self.dest, ".part.json")
+                tmps.append(jtmp)
+                with open(jtmp, "w", encoding="utf-8") as f:
+                    json.dump(sidecar(self.frames), f, indent=2)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(jtmp, 0o644)
+                os.replace(jtmp, json_dest)
+                done.append(json_dest)
+            os.replace(self.tmp, self.dest)
+        except BaseException:
+            # BaseException: also clean up on KeyboardInterrupt / SIGTERM; the error is always re-raised.
+            self._remove(tmps)
+            for d in done:
+                d.unlink(missing_ok=True)
+            raise
+        return self.dest
+
+    def abort(self) -> None:
+        self._remove([self.tmp])
+
+    def _remove(self, paths: list[str]) -> None:
+        try:
+            self.container.close()
+        except Exception:  # noqa: BLE001 (a half-written container may refuse to close; the file goes anyway)
+            pass
+        for t in paths:
+            if os.path.exists(t):
+                os.remove(t)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is not None:
+            self.abort()
 
 
 def write_video(
@@ -231,44 +306,12 @@ def write_video_with_sidecar(
     crf: int = 18,
     sidecar: Callable[[int], dict] | None = None,
 ) -> Path:
-    """`write_video`, plus `<name>.json` from `sidecar(frames_written)`: the two files appear together or not at all.
-
-    Both are written in full to temporary files beside the destination first (a full disk fails there, leaving
-    nothing), then renamed: the sidecar first, the mp4 last; if the mp4 rename fails the sidecar is removed again.
-    """
-    dest = Path(path)
-    if dest.suffix.lower() != ".mp4":
-        raise ValueError(f"write_video writes mp4 only, got {str(dest)!r}")
-    frames, rate, audio = _prepare(video, fps, audio, sr)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    json_dest = dest.with_suffix(".json")
-    tmps: list[str] = []
-    done: list[Path] = []
-    try:
-        tmp = _temp_beside(dest, ".part.mp4")
-        tmps.append(tmp)
-        _mux(tmp, frames, rate, audio, sr, crf)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the final file ordinary permissions
-        if sidecar is not None:
-            jtmp = _temp_beside(dest, ".part.json")
-            tmps.append(jtmp)
-            with open(jtmp, "w", encoding="utf-8") as f:
-                json.dump(sidecar(len(frames)), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(jtmp, 0o644)
-            os.replace(jtmp, json_dest)
-            done.append(json_dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        # BaseException: also clean up on KeyboardInterrupt / SIGTERM; the error is always re-raised.
-        for t in tmps:
-            if os.path.exists(t):
-                os.remove(t)
-        for d in done:
-            d.unlink(missing_ok=True)
-        raise
-    return dest
+    """`write_video`, plus `<name>.json` from `sidecar(frames_written)`: the two files appear together or not at all."""
+    if len(to_uint8_frames(video)) == 0:
+        raise ValueError("video has no frames")
+    with VideoWriter(path, fps, audio, sr, crf=crf) as w:
+        w.add(video)
+        return w.close(sidecar)
 
 
 def read_video(path: str | os.PathLike) -> tuple[torch.Tensor, float]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,9 +30,10 @@ from wanmoe.encoders.audio import audio_clips
 from wanmoe.inputs import Inputs
 from wanmoe.models.s2v import S2VInputs
 from wanmoe.models.vae import WanVAE
-from wanmoe.request import Request
+from wanmoe.request import InputError, Request
 from wanmoe.sampling import guidance, solvers
-from wanmoe.sampling.schedules import flow_sigmas, timesteps
+from wanmoe.sampling.cache import CacheStats, Calibration, Recorder, StepCache
+from wanmoe.sampling.schedules import flow_sigmas, log_snr_float, timesteps
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class Components:
     device: torch.device
     dtype: torch.dtype = torch.float32  # DiT compute dtype (wanmoe.numerics.compute_dtype)
     parallel: ParallelState = field(default_factory=ParallelState)  # world 1 unless launched with torchrun
+    cache_calibration: Calibration | None = None  # the model's step-cache calibration (step_cache.json), if any
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,29 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
+@dataclass(frozen=True)
+class Preview:
+    """A look at the clip being made, for live displays: after each sampling step its x0 prediction (`latent`);
+    while it decodes, each group of pixel frames as soon as the VAE has made it (`frames`: only frames the video
+    keeps, in order, so the groups of a clip concatenate to its frames)."""
+
+    clip: int
+    clips: int
+    latent: Tensor | None = None  # (1, C, F, H, W) x0 prediction after sampling step `step` (1-based) of this clip
+    step: int = 0
+    frames: Tensor | None = None  # (3, t, Hp, Wp) float32 in [-1, 1] on the CPU: this clip's next t frames
+
+
+PreviewFn = Callable[[Preview], None]
+
+
 @dataclass
 class Result:
     video: Tensor  # (3, T, Hp, Wp) float32 in [-1, 1] on the CPU
     fps: int
     timings: dict[str, float] = field(default_factory=dict)
     expert_steps: dict[str, int] = field(default_factory=dict)
+    expert_calls: dict[str, int] = field(default_factory=dict)  # transformer evaluations run (fewer with caching)
     audio_offset_s: float = 0.0  # S2V: the first clip drops frames, so the video starts this far into the audio
 
 
@@ -106,7 +126,8 @@ def draw_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> Tenso
 
 
 def sample_clip(c: Components, req: Request, cond: Conditioning, seed: int,
-                on_step: Callable[[solvers.StepInfo], None] | None = None) -> tuple[Tensor, dict[str, int]]:
+                on_step: Callable[[solvers.StepInfo], None] | None = None, *, stats: CacheStats | None = None,
+                recorder: Recorder | None = None) -> tuple[Tensor, dict[str, int]]:
     """Noise from `seed`, then the solver through the expert router with per-expert CFG.
 
     Returns (latent, steps per expert)."""
@@ -129,6 +150,17 @@ def sample_clip(c: Components, req: Request, cond: Conditioning, seed: int,
                 if n not in active:
                     c.experts.prefetch(n)  # load the next expert while this one computes
     router = ex.route(den, req.experts, sigmas, hook=hook)
+    if recorder is not None:  # calibration: every evaluation's magnitude, uncached
+        recorder.start_run()
+        router.denoisers = {n: recorder.wrap(n, d) for n, d in router.denoisers.items()}
+    elif req.cache is not None:
+        if c.cache_calibration is None:
+            raise InputError("cache", "needs the model's step-cache calibration (step_cache.json); make one with "
+                                      "Pipeline.calibrate_cache")
+        lams = [log_snr_float(s) for s in sigmas.tolist()]
+        sc = StepCache(c.cache_calibration, router.plan, lams, req.cache, req.cache_max_skips,
+                       step=lambda: router.step - 1, stats=stats)
+        router.denoisers = {n: sc.wrap(n, d) for n, d in router.denoisers.items()}
     counts = {n: sum(1 for w in router.plan if n in w) for n in names}
     x = SOLVERS[req.solver](router, noise, sigmas.to(noise.device), callback=on_step)
     return x, counts
@@ -180,11 +212,12 @@ class T2VClips:
         shape = (1, self.c.cfg.vae.z_dim, self.c.cfg.latent_frames(self.req.frame_num), *self.lat_hw)
         return Conditioning({"context": self.ctx, **self.extra}, {"context": self.ctx_null, **self.extra}, shape)
 
-    def decode(self, r: int, lat: Tensor) -> Tensor:
+    def decode(self, r: int, lat: Tensor, emit: Callable[[Tensor], None] | None = None) -> Tensor:
         if not self.c.parallel.is_main:  # only rank 0 writes the video: the other ranks skip the decode (T = 0)
             st = self.c.cfg.vae_stride
             return lat.new_zeros(3, 0, self.lat_hw[0] * st[1], self.lat_hw[1] * st[2]).cpu()
-        return self.c.vae.decode(lat.float())[0].cpu()  # (3, T, Hp, Wp)
+        with _streamed(self.c.vae, 0, emit):
+            return self.c.vae.decode(lat.float())[0].cpu()  # (3, T, Hp, Wp)
 
 
 class I2VClips(T2VClips):
@@ -257,9 +290,13 @@ class S2VClips:
         return Conditioning({"context": self.ctx, "s2v": s2v(audio)}, {"context": self.ctx_null, "s2v": s2v(zero)},
                             self.shape, no_audio={"context": self.ctx, "s2v": s2v(zero)})
 
-    def decode(self, r: int, lat: Tensor) -> Tensor:
+    def decode(self, r: int, lat: Tensor, emit: Callable[[Tensor], None] | None = None) -> Tensor:
         first = bool(self.drop) and r == 0
-        dec = self.c.vae.decode(torch.cat([self.ref_lat if first else self.motion_lat, lat.float()], dim=2))
+        z = torch.cat([self.ref_lat if first else self.motion_lat, lat.float()], dim=2)  # (1, z, Fm + F, H, W)
+        # Decoded frames before the first one kept: all but the last infer_frames, and clip 0's dropped frames.
+        skip = 1 + self.c.cfg.vae_stride[0] * (z.shape[2] - 1) - self.req.infer_frames + (self.drop if first else 0)
+        with _streamed(self.c.vae, skip, emit):
+            dec = self.c.vae.decode(z)
         frames = dec[:, :, -self.req.infer_frames :]  # (1, 3, infer_frames, Hp, Wp)
         if first:
             frames = frames[:, :, self.drop :]
@@ -268,6 +305,28 @@ class S2VClips:
             self.buf = torch.cat([self.buf[:, :, k:], frames[:, :, -k:]], dim=2)
             self.motion_lat = self.c.vae.encode(self.buf)
         return frames[0].cpu()
+
+
+@contextmanager
+def _streamed(vae: WanVAE, skip: int, emit: Callable[[Tensor], None] | None) -> Iterator[None]:
+    """While the VAE decodes: emit(frames) for each group of frames its decoder makes (one latent frame at a time),
+    leaving out the first `skip`. A forward hook, so the VAE itself is unchanged; nothing happens without `emit`."""
+    if emit is None:
+        yield
+        return
+    seen = 0
+
+    def hook(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
+        nonlocal seen
+        start, seen = max(0, skip - seen), seen + out.shape[2]
+        if start < out.shape[2]:
+            emit(out[0, :, start:].clamp(-1.0, 1.0).float().contiguous().cpu())  # (3, t, Hp, Wp)
+
+    handle = vae.decoder.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _pose_latents(c: Components, req: Request, inputs: Inputs, n_clips: int, hw: tuple[int, int]) -> list | None:
@@ -293,8 +352,15 @@ CLIPS = {"t2v": T2VClips, "i2v": I2VClips, "s2v": S2VClips}
 # ------------------------------------------------------------------------------------------------ generate
 
 
-def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressFn | None = None) -> Result:
-    """Text -> the task's clips (conditioning, sampling, decode) -> one video, for every task."""
+def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressFn | None = None,
+             preview: PreviewFn | None = None, on_clip: Callable[[Tensor], None] | None = None,
+             keep_frames: bool = True, recorder: Recorder | None = None) -> Result:
+    """Text -> the task's clips (conditioning, sampling, decode) -> one video, for every task.
+
+    `on_clip(frames)` receives each clip's decoded frames (3, T, Hp, Wp) as soon as the clip is done (a muxer
+    streams them to the file); with `keep_frames=False` they are not also collected, so memory stays flat however
+    long the audio is and `Result.video` holds no frames. `recorder` (step-cache calibration) sees every
+    transformer evaluation, with caching off."""
     say = progress or (lambda p: None)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -309,24 +375,33 @@ def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressF
         clips = CLIPS[c.cfg.modality](c, req, inputs, ctx, ctx_null)
         timings["encode_s"] = time.perf_counter() - t1
         say(Progress("encode", 1, 1))
-        out, counts, t_s, t_d = [], {}, 0.0, 0.0
+        out, counts, t_s, t_d, stats = [], {}, 0.0, 0.0, CacheStats()
         n = clips.n_clips
         for r in range(n):
             def on_step(info: solvers.StepInfo, _r: int = r) -> None:
                 say(Progress("sample", _r * req.steps + info.i + 1, n * req.steps, _r, n,
                              "+".join(info.experts), float(info.sigma)))
+                if preview is not None:
+                    preview(Preview(_r, n, latent=info.denoised, step=info.i + 1))
 
             t1 = time.perf_counter()
-            lat, cnt = sample_clip(c, req, clips.conditioning(r), req.seed + r, on_step)
+            lat, cnt = sample_clip(c, req, clips.conditioning(r), req.seed + r, on_step, stats=stats,
+                                   recorder=recorder)
             t_s += time.perf_counter() - t1
             counts = {k: counts.get(k, 0) + v for k, v in cnt.items()}
             t1 = time.perf_counter()
-            out.append(clips.decode(r, lat))
+            frames = clips.decode(r, lat, None if preview is None else
+                                  lambda f, _r=r: preview(Preview(_r, n, frames=f)))
             t_d += time.perf_counter() - t1
+            if on_clip is not None:
+                on_clip(frames)
+            out.append(frames if keep_frames else frames[:, :0])
             say(Progress("decode", r + 1, n, r, n))
     if hasattr(c.experts, "offload_all") and not c.parallel.dit_fsdp:  # FSDP-sharded experts stay where they are
         c.experts.offload_all()
     timings.update(sample_s=t_s, decode_s=t_d, clips=n, generate_s=time.perf_counter() - t0)
     offset = c.cfg.dropped_frames(req.start_from_ref) / c.cfg.sample_fps
+    calls = counts if req.cache is None or recorder is not None else \
+        {n: stats.computed.get(n, 0) for n in counts}
     return Result(video=torch.cat(out, dim=1).float(), fps=c.cfg.sample_fps, timings=timings, expert_steps=counts,
-                  audio_offset_s=offset if c.cfg.modality == "s2v" else 0.0)
+                  expert_calls=calls, audio_offset_s=offset if c.cfg.modality == "s2v" else 0.0)

@@ -57,6 +57,8 @@ class Request:
     num_clip: int | None = None  # s2v: at most this many clips (None: as many as the audio fills)
     infer_frames: int = 80  # s2v pixel frames per clip
     start_from_ref: bool = False  # s2v: the first clip's motion frames are the reference image
+    cache: float | None = None  # step caching threshold (accumulated |1 - ratio|); None = off (the official path)
+    cache_max_skips: int = 2  # consecutive skipped evaluations at most, per expert
 
     @property
     def size_str(self) -> str:
@@ -175,6 +177,8 @@ def make_request(
     num_clip: int | None = None,
     infer_frames: int | None = None,
     start_from_ref: bool = False,
+    cache: float | None = None,
+    cache_max_skips: int = 2,
 ) -> Request:
     """The task's preset with these overrides (None = the task's value), validated; raises InputError."""
     s2v = cfg.modality == "s2v"
@@ -230,11 +234,15 @@ def make_request(
     scales = _guidance(cfg.guide_scale if guide_scale is None else guide_scale, spec.names)
     ms = cfg.motion_scale if motion_scale is None else check_float("motion_scale", motion_scale, 0.0, 20.0)
     nc = None if num_clip is None else check_int("num_clip", num_clip, 1, 10000)
+    if cache is not None:
+        cache = check_float("cache", cache, 0.0, 10.0, open_lo=True)
+    cache_max_skips = check_int("cache_max_skips", cache_max_skips, 1, 10)
     if not isinstance(start_from_ref, bool):
         raise InputError("start_from_ref", f"must be true or false, got {start_from_ref!r}")
     return Request(task=cfg.task, prompt=prompt, negative_prompt=negative_prompt, size=wh, frame_num=frames,
                    seed=seed, steps=n_steps, shift=sh, solver=sol, guide_scale=scales, experts=spec,
-                   noise_schedule=sched, motion_scale=ms, num_clip=nc, infer_frames=inf, start_from_ref=start_from_ref)
+                   noise_schedule=sched, motion_scale=ms, num_clip=nc, infer_frames=inf, start_from_ref=start_from_ref,
+                   cache=cache, cache_max_skips=cache_max_skips)
 
 
 NOT_YET = "is not supported in a single process; run under torchrun (see docs/distributed.md)"
