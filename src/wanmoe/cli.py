@@ -110,6 +110,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                       help="step caching per expert: skip transformer evaluations whose output the model's calibration "
                            "predicts within this accumulated relative error (e.g. 0.1); None = off (official)")
     ours.add_argument("--cache_max_skips", type=int, default=2, help="with --cache: consecutive skips per expert")
+    ours.add_argument("--batch_cfg", action="store_true",
+                      help="run a step's guidance passes (conditional, unconditional, audio-free) as one batch")
     ours.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -124,7 +126,7 @@ FLAGS = {
     "device": "--device", "offload_model": "--offload_model", "t5_cpu": "--t5_cpu", "int8": "--int8",
     "convert_model_dtype": "--convert_model_dtype", "ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel",
     "dit_fsdp": "--dit_fsdp", "t5_fsdp": "--t5_fsdp", "save_file": "--save_file", "model": "--task",
-    "cache": "--cache", "cache_max_skips": "--cache_max_skips",
+    "cache": "--cache", "cache_max_skips": "--cache_max_skips", "batch_cfg": "--batch_cfg",
     "tts_text": "--tts_text", "tts_voice": "--tts_voice",
 }
 TTS_CLOUD = ("needs the official CosyVoice voice-cloning model, which is fetched from the cloud; wanmoe downloads "
@@ -178,7 +180,7 @@ def request_kwargs(args: argparse.Namespace) -> dict:
                 boundary=args.boundary, threshold=args.expert_threshold, blend=args.expert_blend,
                 noise_schedule=args.noise_schedule, motion_scale=args.motion_scale, num_clip=args.num_clip,
                 infer_frames=args.infer_frames, start_from_ref=args.start_from_ref, cache=args.cache,
-                cache_max_skips=args.cache_max_skips)
+                cache_max_skips=args.cache_max_skips, batch_cfg=args.batch_cfg)
 
 
 def _progress_bars(enabled: bool):  # noqa: ANN202 (returns a progress callback and a closer)

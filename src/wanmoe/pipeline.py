@@ -119,6 +119,43 @@ def _denoiser(c: Components, name: str, kwargs: dict) -> Callable[[Tensor, Tenso
     return f
 
 
+def _stack(kwargs: list[dict]) -> dict:
+    """Several passes' DiT keyword arguments as one batch (contexts zero-padded to one length, as the DiT pads)."""
+    out: dict = {}
+    ctx = [k["context"] for k in kwargs]
+    s = max(t.shape[1] for t in ctx)
+    out["context"] = torch.cat([F.pad(t, (0, 0, 0, s - t.shape[1])) for t in ctx])  # (P, S, text_dim)
+    if "y" in kwargs[0]:
+        out["y"] = torch.cat([k["y"] for k in kwargs])
+    if "s2v" in kwargs[0]:
+        ins = [k["s2v"] for k in kwargs]
+        pose = None if ins[0].pose_latents is None else torch.cat([i.pose_latents for i in ins])
+        out["s2v"] = S2VInputs(audio=torch.cat([i.audio for i in ins]),
+                               ref_latents=torch.cat([i.ref_latents for i in ins]),
+                               motion_latents=torch.cat([i.motion_latents for i in ins]), pose_latents=pose,
+                               drop_motion_frames=ins[0].drop_motion_frames)
+    return out
+
+
+def _batched_guidance(c: Components, name: str, cond: Conditioning, scale: float,
+                      motion: float | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """The guided velocity of one expert with all its passes (conditional, audio-free, unconditional) in one batch:
+    the arithmetic of `guidance.cfg`, one transformer call instead of two or three."""
+    passes = [cond.cond] + ([cond.no_audio] if motion is not None else []) + ([cond.uncond] if scale != 1.0 else [])
+    f = _denoiser(c, name, _stack(passes))
+
+    def den(x: Tensor, sigma: Tensor) -> Tensor:
+        out = f(x.expand(len(passes), *x.shape[1:]), sigma)  # (P, C, F, H, W)
+        v, k = out[:1], 1
+        if motion is not None:
+            v, k = out[1:2] + motion * (v - out[1:2]), 2
+        if scale != 1.0:
+            v = out[k : k + 1] + scale * (v - out[k : k + 1])
+        return v
+
+    return den
+
+
 def draw_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
     """Seeded on a CPU generator, then moved: the same seed gives the same noise on every device."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -134,15 +171,21 @@ def sample_clip(c: Components, req: Request, cond: Conditioning, seed: int,
     noise = draw_noise(cond.latent_shape, seed, c.device)
     sigmas = flow_sigmas(req.steps, req.shift, solver=req.solver, spacing=req.noise_schedule)
     names = req.experts.names
-    conds = {n: _denoiser(c, n, cond.cond) for n in names}
-    if cond.no_audio is not None and req.motion_scale != 1.0:
-        # Audio guidance: v = v(audio=0) + m (v(audio) - v(audio=0)); m > 1 strengthens audio-driven motion.
-        conds = guidance.cfg_per_expert(conds, {n: _denoiser(c, n, cond.no_audio) for n in names}, req.motion_scale)
-    unconds = {n: _denoiser(c, n, cond.uncond) for n in names}
-    if c.parallel.cfg_size == 2:  # cfg_parallel: the two ranks of a CFG pair run one branch each
-        den = cfg_parallel_per_expert(conds, unconds, req.guide_scale, c.parallel)
+    audio_guided = cond.no_audio is not None and req.motion_scale != 1.0
+    if req.batch_cfg and c.parallel.cfg_size != 2:
+        motion = req.motion_scale if audio_guided else None
+        den = {n: _batched_guidance(c, n, cond, req.guide_scale[n], motion) for n in names}
     else:
-        den = guidance.cfg_per_expert(conds, unconds, req.guide_scale)
+        conds = {n: _denoiser(c, n, cond.cond) for n in names}
+        if audio_guided:
+            # Audio guidance: v = v(audio=0) + m (v(audio) - v(audio=0)); m > 1 strengthens audio-driven motion.
+            conds = guidance.cfg_per_expert(conds, {n: _denoiser(c, n, cond.no_audio) for n in names},
+                                            req.motion_scale)
+        unconds = {n: _denoiser(c, n, cond.uncond) for n in names}
+        if c.parallel.cfg_size == 2:  # cfg_parallel: the two ranks of a CFG pair run one branch each
+            den = cfg_parallel_per_expert(conds, unconds, req.guide_scale, c.parallel)
+        else:
+            den = guidance.cfg_per_expert(conds, unconds, req.guide_scale)
     hook = None
     if hasattr(c.experts, "prefetch"):
         def hook(i: int, active: tuple[str, ...]) -> None:

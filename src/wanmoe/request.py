@@ -59,6 +59,7 @@ class Request:
     start_from_ref: bool = False  # s2v: the first clip's motion frames are the reference image
     cache: float | None = None  # step caching threshold (accumulated |1 - ratio|); None = off (the official path)
     cache_max_skips: int = 2  # consecutive skipped evaluations at most, per expert
+    batch_cfg: bool = False  # guidance passes of a step in one batch (one transformer call); off = official order
 
     @property
     def size_str(self) -> str:
@@ -179,6 +180,7 @@ def make_request(
     start_from_ref: bool = False,
     cache: float | None = None,
     cache_max_skips: int = 2,
+    batch_cfg: bool = False,
 ) -> Request:
     """The task's preset with these overrides (None = the task's value), validated; raises InputError."""
     s2v = cfg.modality == "s2v"
@@ -237,12 +239,14 @@ def make_request(
     if cache is not None:
         cache = check_float("cache", cache, 0.0, 10.0, open_lo=True)
     cache_max_skips = check_int("cache_max_skips", cache_max_skips, 1, 10)
+    if not isinstance(batch_cfg, bool):
+        raise InputError("batch_cfg", f"must be true or false, got {batch_cfg!r}")
     if not isinstance(start_from_ref, bool):
         raise InputError("start_from_ref", f"must be true or false, got {start_from_ref!r}")
     return Request(task=cfg.task, prompt=prompt, negative_prompt=negative_prompt, size=wh, frame_num=frames,
                    seed=seed, steps=n_steps, shift=sh, solver=sol, guide_scale=scales, experts=spec,
                    noise_schedule=sched, motion_scale=ms, num_clip=nc, infer_frames=inf, start_from_ref=start_from_ref,
-                   cache=cache, cache_max_skips=cache_max_skips)
+                   cache=cache, cache_max_skips=cache_max_skips, batch_cfg=batch_cfg)
 
 
 NOT_YET = "is not supported in a single process; run under torchrun (see docs/distributed.md)"
