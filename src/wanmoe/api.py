@@ -50,6 +50,7 @@ class Video:
     expert_calls: dict[str, int] = field(default_factory=dict)  # transformer evaluations (fewer with `cache`)
     inputs: dict[str, str] = field(default_factory=dict)
     world_size: int = 1
+    loras: list[dict] = field(default_factory=list)  # Pipeline.loras when it ran: file, scale per expert, mode
 
     @property
     def num_frames(self) -> int:
@@ -73,6 +74,7 @@ class Video:
             "timings": self.timings,
             "expert_steps": self.expert_steps,
             "expert_calls": self.expert_calls,
+            "loras": self.loras,
             "versions": versions(),
         }
 
@@ -151,7 +153,8 @@ class Pipeline:
             timings = dict(res.timings, total_s=time.perf_counter() - t0)
             video = Video(frames=res.video, fps=res.fps, audio=audio, sr=inputs.sr, request=req, options=self.options,
                           timings=timings, expert_steps=res.expert_steps, expert_calls=res.expert_calls,
-                          inputs=dict(inputs.sources or {}), world_size=self.components.parallel.world)
+                          inputs=dict(inputs.sources or {}), world_size=self.components.parallel.world,
+                          loras=self.loras)
             if writer is not None:
                 writer.close(lambda n: video.sidecar(str(save), n))
         except BaseException:
@@ -160,6 +163,34 @@ class Pipeline:
             raise
         return video
 
+    def load_lora(self, path: str | os.PathLike, scale: float | dict[str, float] = 1.0,
+                  experts: str | tuple[str, ...] | list[str] | None = None, *, mode: str = "auto",
+                  skip_wan21_image: bool = False) -> None:
+        """Add a LoRA (safetensors; diffusers, kohya/ComfyUI, LightX2V key formats) to `experts` (None: all) at
+        `scale` (one number, or per expert: {"high": 1.0, "low": 0.5}). Merged into float weights, run beside int8
+        ones (`mode`: auto | merge | runtime); it survives every reload of an expert. docs/lora.md."""
+        self._lora_stack().load(path, scale, experts, mode=mode, skip_wan21_image=skip_wan21_image)
+
+    def unload_lora(self, path: str | os.PathLike | None = None) -> None:
+        """Remove one LoRA file (every expert it was loaded into) or, with None, all; the experts it touched
+        reload their own weights from disk on next use (bit-exact)."""
+        self._lora_stack().unload(path)
+
+    @property
+    def loras(self) -> list[dict]:
+        """The loaded LoRAs in the order applied: file, scale per expert, mode."""
+        stack = getattr(self.components.experts, "transform", None)
+        return stack.describe() if hasattr(stack, "describe") else []
+
+    def _lora_stack(self):  # noqa: ANN202 (a wanmoe.lora.LoraStack, installed as the pool's transform)
+        from wanmoe.lora import LoraStack
+
+        pool = self.components.experts
+        if not isinstance(pool.transform, LoraStack):
+            if self.components.parallel.dit_fsdp:
+                raise InputError("lora", "cannot be used with dit_fsdp: sharded experts are never reloaded")
+            pool.transform = LoraStack(pool, self.cfg.dit)
+        return pool.transform
 
     def calibrate_cache(self, runs: list[dict] | None = None, path: str | os.PathLike | None = None) -> dict:
         """Calibrate step caching for this model from uncached runs (`runs`: keyword dicts for `__call__`; default:

@@ -25,6 +25,7 @@ from wanmoe.distributed.env import ParallelState, broadcast_seed, destroy_parall
 from wanmoe.experts import format_table, schedule_table
 from wanmoe.inputs import read_inputs
 from wanmoe.loading import load_components
+from wanmoe.lora import check_spec, parse_spec
 from wanmoe.pipeline import Progress
 from wanmoe.request import InputError, make_options, make_request
 from wanmoe.sampling.cache import CALIBRATION_FILE
@@ -112,6 +113,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     ours.add_argument("--cache_max_skips", type=int, default=2, help="with --cache: consecutive skips per expert")
     ours.add_argument("--batch_cfg", action="store_true",
                       help="run a step's guidance passes (conditional, unconditional, audio-free) as one batch")
+    ours.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE][@EXPERT]",
+                      help="a LoRA (.safetensors; diffusers, kohya/ComfyUI or LightX2V keys) at SCALE (default 1) "
+                           "on EXPERT (default: all; several: @high,low); repeatable (docs/lora.md)")
     ours.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -127,7 +131,7 @@ FLAGS = {
     "convert_model_dtype": "--convert_model_dtype", "ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel",
     "dit_fsdp": "--dit_fsdp", "t5_fsdp": "--t5_fsdp", "save_file": "--save_file", "model": "--task",
     "cache": "--cache", "cache_max_skips": "--cache_max_skips", "batch_cfg": "--batch_cfg",
-    "tts_text": "--tts_text", "tts_voice": "--tts_voice",
+    "tts_text": "--tts_text", "tts_voice": "--tts_voice", "lora": "--lora",
 }
 TTS_CLOUD = ("needs the official CosyVoice voice-cloning model, which is fetched from the cloud; wanmoe downloads "
              "nothing and speaks --tts_text with espeak-ng (pick a voice with --tts_voice)")
@@ -225,6 +229,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             t5_fsdp=args.t5_fsdp, world=world)
         inputs = read_inputs(cfg, image=args.image, audio=args.audio, pose_video=args.pose_video,
                              tts_text=args.tts_text, tts_voice=args.tts_voice)
+        for spec in args.lora or ():  # syntax, expert names, then the file's keys and shapes (header only)
+            check_spec(spec, cfg.experts, cfg.dit)
         root = Path(opts.ckpt_dir) if opts.ckpt_dir else ASSETS / cfg.task
         if req.cache is not None and not (root / CALIBRATION_FILE).is_file():
             raise InputError("cache", f"needs a step-cache calibration for this model ({root / CALIBRATION_FILE}); "
@@ -259,6 +265,11 @@ def _generate(args: argparse.Namespace, cfg, req, opts, inputs, save: Path, stat
     except ValueError as e:  # a checkpoint problem found before any weights loaded
         return _fail(str(e))
     pipe = Pipeline(cfg, components, opts)
+    try:
+        for spec in map(lambda s: parse_spec(s, cfg.experts), args.lora or ()):
+            pipe.load_lora(spec.path, spec.scale, spec.experts)
+    except InputError as e:
+        return _fail(flag_message(e))
     on, close = _progress_bars(not args.quiet and state.is_main)
     try:
         # Each clip is muxed into the file as soon as it is decoded (rank 0 only); nothing else keeps the frames.

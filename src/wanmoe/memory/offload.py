@@ -15,6 +15,9 @@ each time an expert is asked for, what happens to the idle ones:
 current expert computes; on CUDA, `prefetch(name, to_device=True)` also starts the host->device copy on a
 side stream (only sensible when the device has room for both experts).
 
+`transform(name, module) -> module`, when set, runs on every expert right after its loader (each reload under
+'free' included): what must survive a reload, such as LoRAs (`wanmoe.lora.LoraStack`), is applied there.
+
 The module is expert-agnostic: it works on any `nn.Module` and never imports the models. No tensor axes
 are manipulated here (no axis legend needed).
 """
@@ -137,6 +140,7 @@ class ExpertPool:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
         self._lock = threading.Lock()
         self.loads = {name: 0 for name in self.loaders}  # how often each loader ran (for tests and logs)
+        self.transform: Callable[[str, nn.Module], nn.Module] | None = None  # applied after every load
 
     # ------------------------------------------------------------------ public API
 
@@ -226,6 +230,8 @@ class ExpertPool:
     def _load_host(self, name: str, to_device: bool) -> nn.Module:
         m = self.loaders[name]()
         self.loads[name] += 1
+        if self.transform is not None:
+            m = self.transform(name, m)
         m.eval().requires_grad_(False)
         if self.pin_memory and _module_device(m) == torch.device("cpu"):
             _pin(m)
