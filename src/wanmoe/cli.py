@@ -319,7 +319,7 @@ def _setup_process(args: argparse.Namespace) -> None:
 
 
 SUBCOMMANDS = {"train": "wanmoe.train.cli", "eval": "wanmoe.eval.cli", "plan": "wanmoe.memory.plan",
-               "verify": "wanmoe.verify"}
+               "verify": "wanmoe.verify", "serve": "wanmoe.app.server"}
 
 
 class Terminated(BaseException):
