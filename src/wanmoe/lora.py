@@ -266,7 +266,7 @@ def _plan(keys: Iterable[str], targets: Mapping[str, Target], *, skip_wan21_imag
         problems.append(f"{len(image)} key(s) adapt Wan2.1's image cross-attention (k_img, v_img, img_emb), which "
                         "Wan2.2 experts do not have; load with skip_wan21_image=True to apply the rest: " + _few(image))
     if problems:
-        raise ValueError(f"{source}: cannot load this LoRA:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{source}: cannot load this LoRA: " + "; ".join(problems))
     return plan, image
 
 
@@ -315,9 +315,9 @@ def _assemble(plan: Mapping[str, tuple[str, str]], tensors: Mapping[str, Tensor]
 def _validate(deltas: Mapping[str, Delta], targets: Mapping[str, Target], source: str) -> None:
     problems = [p for path, d in deltas.items() for p in d.problems(targets[path])]
     if problems:
-        raise ValueError(f"{source}: the LoRA does not fit this model ({len(problems)} problem(s)):\n  "
-                         + "\n  ".join(problems[:20]) + (f"\n  ... ({len(problems) - 20} more)" if len(problems) > 20
-                                                           else ""))
+        raise ValueError(f"{source}: the LoRA does not fit this model ({len(problems)} problem(s)): "
+                         + "; ".join(problems[:20]) + (f"; ... ({len(problems) - 20} more)" if len(problems) > 20
+                                                       else ""))
 
 
 def read_lora(path: str | os.PathLike, model_or_cfg: nn.Module | object, *, skip_wan21_image: bool = False) -> LoRA:
