@@ -236,6 +236,7 @@ def load(
     convert_model_dtype: bool = False,
     int8: bool = False,
     t5_cpu: bool = False,
+    compile: bool = False,
     parallel: ParallelState | None = None,
     **parallel_flags: object,
 ) -> Pipeline:
@@ -246,7 +247,8 @@ def load(
         root = str(model)
     parallel = parallel or ParallelState()
     opts = make_options(cfg, ckpt_dir=root, device=device, offload_model=offload_model,
-                        convert_model_dtype=convert_model_dtype, int8=int8, t5_cpu=t5_cpu, world=parallel.world,
+                        convert_model_dtype=convert_model_dtype, int8=int8, t5_cpu=t5_cpu, compile=compile,
+                        world=parallel.world,
                         **parallel_flags)  # type: ignore[arg-type]
     return Pipeline(cfg, loading.load_components(cfg, opts, parallel), opts)
 

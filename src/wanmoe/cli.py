@@ -106,6 +106,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                       help="run the conditional and unconditional passes on two rank groups (world = 2 x ulysses_size)")
     ours.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     ours.add_argument("--int8", action="store_true", help="weight-only int8 experts")
+    ours.add_argument("--compile", action="store_true",
+                      help="torch.compile each expert (compiles on first use; docs/performance.md says when it pays)")
     ours.add_argument("--tts_voice", default=None, help="s2v: espeak-ng voice for --tts_text (default: espeak-ng's)")
     ours.add_argument("--cache", type=float, default=None,
                       help="step caching per expert: skip transformer evaluations whose output the model's calibration "
@@ -130,7 +132,7 @@ FLAGS = {
     "device": "--device", "offload_model": "--offload_model", "t5_cpu": "--t5_cpu", "int8": "--int8",
     "convert_model_dtype": "--convert_model_dtype", "ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel",
     "dit_fsdp": "--dit_fsdp", "t5_fsdp": "--t5_fsdp", "save_file": "--save_file", "model": "--task",
-    "cache": "--cache", "cache_max_skips": "--cache_max_skips", "batch_cfg": "--batch_cfg",
+    "cache": "--cache", "cache_max_skips": "--cache_max_skips", "batch_cfg": "--batch_cfg", "compile": "--compile",
     "tts_text": "--tts_text", "tts_voice": "--tts_voice", "lora": "--lora",
 }
 TTS_CLOUD = ("needs the official CosyVoice voice-cloning model, which is fetched from the cloud; wanmoe downloads "
@@ -225,6 +227,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         req = make_request(cfg, **request_kwargs(args))  # every setting checked before any weights load
         opts = make_options(cfg, ckpt_dir=args.ckpt_dir, device=args.device, offload_model=args.offload_model,
                             t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype, int8=args.int8,
+                            compile=args.compile,
                             ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel, dit_fsdp=args.dit_fsdp,
                             t5_fsdp=args.t5_fsdp, world=world)
         inputs = read_inputs(cfg, image=args.image, audio=args.audio, pose_video=args.pose_video,

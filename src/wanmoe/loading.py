@@ -140,8 +140,10 @@ def load_audio_encoder(cfg: PipelineConfig, root: Path):
     return Wav2Vec2AudioEncoder(folder)
 
 
-def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None, int8: bool, cfg=None):  # noqa: ANN001
-    """Zero-argument loader for the residency manager: meta build + memory-mapped safetensors, optional int8."""
+def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None, int8: bool, cfg=None,  # noqa: ANN001
+                  compile: bool = False):
+    """Zero-argument loader for the residency manager: meta build + memory-mapped safetensors, optional int8, optional
+    torch.compile (the module compiles on its first forward; a reloaded expert compiles again)."""
 
     def load() -> torch.nn.Module:
         model = ck.load_dit(folder, dtype=dtype, device="cpu", cfg=cfg).eval()
@@ -149,7 +151,10 @@ def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None,
             from wanmoe.memory.quantize import quantize_
 
             quantize_(model, "int8")
-        return model.to(device)
+        model = model.to(device)
+        if compile:
+            model.compile(dynamic=False)
+        return model
 
     return load
 
@@ -231,7 +236,8 @@ def load_components(cfg: PipelineConfig, opts: LoadOptions, parallel: ParallelSt
     # One numerics policy (wanmoe.numerics): storage dtype of the weights and compute dtype per device.
     compute = numerics.compute_dtype(device, opts.convert_model_dtype)
     weights = numerics.weight_dtype(device, opts.convert_model_dtype)
-    loaders = {n: expert_loader(f, device, weights, opts.int8, cfg.dit if small else None) for n, f in folders.items()}
+    loaders = {n: expert_loader(f, device, weights, opts.int8, cfg.dit if small else None, opts.compile)
+               for n, f in folders.items()}
     policy = policy_from_flags(opts.offload_model)
     if parallel.world > 1:
         loaders = {n: parallel_loader(f, parallel) for n, f in loaders.items()}

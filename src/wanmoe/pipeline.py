@@ -438,7 +438,8 @@ def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressF
             t_d += time.perf_counter() - t1
             if on_clip is not None:
                 on_clip(frames)
-            out.append(frames if keep_frames else frames[:, :0])
+            # Not kept: an empty tensor of its own (a slice would be a view keeping the clip's storage alive).
+            out.append(frames if keep_frames else frames.new_zeros(3, 0, *frames.shape[2:]))
             say(Progress("decode", r + 1, n, r, n))
     if hasattr(c.experts, "offload_all") and not c.parallel.dit_fsdp:  # FSDP-sharded experts stay where they are
         c.experts.offload_all()

@@ -83,6 +83,7 @@ class LoadOptions:
     t5_cpu: bool = False
     convert_model_dtype: bool = False  # DiT weights in bf16 (fp32 modules kept; wanmoe.numerics)
     int8: bool = False  # weight-only int8 experts
+    compile: bool = False  # torch.compile each expert (measured in docs/performance.md; off by default)
     ulysses_size: int = 1
     cfg_parallel: bool = False
     dit_fsdp: bool = False
@@ -280,6 +281,7 @@ def make_options(
     t5_cpu: bool = False,
     convert_model_dtype: bool = False,
     int8: bool = False,
+    compile: bool = False,
     ulysses_size: int = 1,
     cfg_parallel: bool = False,
     dit_fsdp: bool = False,
@@ -289,7 +291,7 @@ def make_options(
     """Load options, validated against the task and the number of processes (`world`, from torchrun)."""
     for name, v in (("offload_model", offload_model), ("t5_cpu", t5_cpu), ("int8", int8),
                     ("convert_model_dtype", convert_model_dtype), ("cfg_parallel", cfg_parallel),
-                    ("dit_fsdp", dit_fsdp), ("t5_fsdp", t5_fsdp)):
+                    ("dit_fsdp", dit_fsdp), ("t5_fsdp", t5_fsdp), ("compile", compile)):
         if v is not None and not isinstance(v, bool):
             raise InputError(name, f"must be true or false, got {v!r}")
     ulysses_size = check_int("ulysses_size", ulysses_size, 1, 1024)
@@ -316,6 +318,6 @@ def make_options(
         ckpt_dir=ckpt_dir, device=check_device(device),
         # Official default: offload on one process only; FSDP experts must stay resident (loading.py enforces it).
         offload_model=world == 1 if offload_model is None else offload_model,
-        t5_cpu=t5_cpu, convert_model_dtype=convert_model_dtype, int8=int8, ulysses_size=ulysses_size,
+        t5_cpu=t5_cpu, convert_model_dtype=convert_model_dtype, int8=int8, compile=compile, ulysses_size=ulysses_size,
         cfg_parallel=cfg_parallel, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
     )
