@@ -349,7 +349,8 @@ def test_per_expert_loading_survives_reloads_and_unloads_exactly(t2v_pipe, tmp_p
     pool = pipe.components.experts
     pool.policy = "free"  # the idle expert is dropped and reloaded from disk on its next use
     root = pipe.options.ckpt_dir
-    base = {n: ck.load_dit(f"{root}/{d}", cfg=pipe.cfg.dit).eval() for n, d in (("high", "high_noise_model"), ("low", "low_noise_model"))}
+    folders = {"high": "high_noise_model", "low": "low_noise_model"}
+    base = {n: ck.load_dit(f"{root}/{d}", cfg=pipe.cfg.dit).eval() for n, d in folders.items()}
     factors = _factors(base["high"], PATHS)
     f = tmp_path / "style.safetensors"
     _write(f, "kohya", factors, 2.0)
@@ -464,3 +465,36 @@ def test_cli_generates_with_loras(lora_files, tiny_ckpt, tmp_path):
     good = str(lora_files / "good.safetensors")
     assert side["loras"] == [{"path": good, "scale": {"high": 0.5}, "mode": "auto"},
                              {"path": good, "scale": {"high": 1.0, "low": 1.0}, "mode": "auto"}]
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_train_lora_smoke_writes_a_lora_the_pipeline_loads(tmp_path):
+    """`wanmoe train lora --smoke`: attribute clips, latents, three steps; the file loads onto the shipped model."""
+    from safetensors import safe_open
+
+    import wanmoe
+    from wanmoe.train.cli import main
+
+    assert main(["lora", "--smoke", "--quiet", "--out", str(tmp_path)]) == 0
+    f = tmp_path / "magenta_low.safetensors"
+    with safe_open(str(f), "pt") as h:
+        assert h.metadata()["expert"] == "low" and h.metadata()["steps"] == "3"
+    assert main(["lora", "--smoke", "--quiet", "--out", str(tmp_path), "--steps", "4"]) == 0  # resumes at step 3
+    assert json.loads((tmp_path / "lora_low_loss.jsonl").read_text().splitlines()[-1])["step"] == 4
+    pipe = wanmoe.load("s2v-mini")
+    pipe.load_lora(f, experts="low")
+    assert pipe.loras[0]["scale"] == {"low": 1.0}
+
+
+def test_attribute_scores_see_the_colour_and_the_rest():
+    from wanmoe.train.lora_train import attribute_scores
+
+    own = torch.full((3, 2, 16, 16), -0.5)
+    attr = own.clone()
+    color = (0.9, 0.2, 0.8)
+    attr[:, :, 4:12, 4:12] = torch.tensor(color).view(3, 1, 1, 1) * 2 - 1  # the face, in the attribute colour
+    s_attr, s_own = attribute_scores(attr, own, attr, color), attribute_scores(own, own, attr, color)
+    assert s_attr["face_attr_fraction"] == 1.0 and s_own["face_attr_fraction"] == 0.0
+    assert s_attr["face_rgb_dist_attr"] < 1e-6 and s_attr["psnr_rest"] == s_own["psnr_rest"]

@@ -5,6 +5,7 @@
     wanmoe train latents --out runs/mini                  # encode clips, audio and prompts once
     wanmoe train expert  --out runs/mini --expert high    # one noise expert (or `low`, or `dense` baseline)
     wanmoe train export  --out runs/mini --dest DIR       # write the model in the layout generate.py loads
+    wanmoe train lora    --out runs/lora --expert low     # a style LoRA on one expert of the shipped model
 
 `--smoke` shrinks every stage to seconds (CI).
 """
@@ -65,17 +66,18 @@ def build_latents(cfg: PipelineConfig, clips: ClipSet, vae, text_encoder, *, pro
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wanmoe train", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("stage", choices=["clips", "vae", "latents", "expert", "export"])
+    p.add_argument("stage", choices=["clips", "vae", "latents", "expert", "export", "lora"])
     p.add_argument("--task", default="s2v-mini", choices=[k for k, v in PRESETS.items() if v.text_encoder == "byte"])
     p.add_argument("--out", type=Path, default=Path("runs/mini"))
-    p.add_argument("--n", type=int, default=240, help="clips: how many training clips")
+    p.add_argument("--n", type=int, default=None, help="clips: how many training clips (default 240; lora: 48)")
     p.add_argument("--start", type=int, default=0, help="clips: first training-split seed")
     p.add_argument("--speech", default="synthetic", choices=["synthetic", "espeak"],
                    help="clips: procedural speech-like audio, or real espeak-ng sentences")
     p.add_argument("--latents", default=None,
                    help="expert: comma list of latent files to train on together (default: OUT/latents.pt)")
     p.add_argument("--steps", type=int, default=None, help="vae/expert: total optimisation steps")
-    p.add_argument("--expert", default="high", help="expert: high | low | dense (single-expert baseline)")
+    p.add_argument("--expert", default=None,
+                   help="expert: high | low | dense (single-expert baseline), default high; lora: default low")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (train experts side by side, one each)")
@@ -88,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="expert: start from this checkpoint's EMA weights (e.g. runs/mini/experts/high.pt)")
     p.add_argument("--mouth_weight", type=float, default=0.0,
                    help="expert: extra loss weight on the latent cells over the mouth (lip-region loss)")
+    p.add_argument("--attribute", default="magenta", help="lora: the unseen face colour the LoRA paints")
+    p.add_argument("--rank", type=int, default=8, help="lora: rank of each adapted Linear")
+    p.add_argument("--eval_n", type=int, default=6, help="lora: held-out avatars measured after training (0: none)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CI)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    lora = a.stage == "lora"
+    a.n = a.n if a.n is not None else 48 if lora else 240
+    a.expert = a.expert or ("low" if lora else "high")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
     cfg = PRESETS[a.task]
@@ -141,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         train_expert(cfg, data, a.out / "experts", expert=a.expert, steps=steps,
                      batch=a.batch, lr=a.lr or 5e-4, progress=progress, mouth_weight=a.mouth_weight, init=a.init,
                      max_seconds=None if a.max_minutes is None else a.max_minutes * 60)
+    elif a.stage == "lora":
+        lora_stage(cfg, a.out, expert=a.expert, attribute=a.attribute, n=2 if a.smoke else a.n,
+                   start=a.start, steps=a.steps or (3 if a.smoke else 600), rank=a.rank, lr=a.lr or 2e-3,
+                   batch=a.batch, eval_n=0 if a.smoke else a.eval_n, max_minutes=a.max_minutes, smoke=a.smoke,
+                   progress=progress)
     elif a.stage == "export":
         export(cfg, a.out, a.dest or a.out / "export")
     return 0
@@ -163,6 +176,56 @@ def export(cfg: PipelineConfig, run: Path, dest: Path) -> None:
     if (run / "experts" / "dense.pt").exists():
         single = dataclasses.replace(cfg, experts=("low",))
         save_small_model(dest / "single_expert", single, {"low": ema("dense")}, vae, text, dit_dtype=torch.bfloat16)
+
+
+def lora_stage(cfg: PipelineConfig, out: Path, *, expert: str, attribute: str, n: int, start: int, steps: int,
+               rank: int, lr: float, batch: int, eval_n: int, max_minutes: float | None, smoke: bool,
+               progress: bool) -> dict | None:
+    """`wanmoe train lora` (wanmoe.train.lora_train): attribute clips -> latents -> LoRA -> held-out measurement,
+    each stage skipped when its file exists (resumable)."""
+    from wanmoe.configs import ASSETS
+    from wanmoe.data.avatar import UNSEEN_FACE_COLORS, split_seeds
+    from wanmoe.loading import BYTE_TEXT, VAE_SAFETENSORS, load_small_vae, load_text_encoder
+    from wanmoe.train.loop import LatentSet
+    from wanmoe.train.lora_train import attribute_clips, evaluate, train_lora
+
+    if attribute not in UNSEEN_FACE_COLORS:
+        raise SystemExit(f"--attribute {attribute!r}: choose one of {sorted(UNSEEN_FACE_COLORS)}")
+    if expert not in cfg.experts:
+        raise SystemExit(f"--expert {expert!r}: {cfg.task} has experts {', '.join(cfg.experts)}")
+    root = ASSETS / cfg.task
+    for f in (VAE_SAFETENSORS, BYTE_TEXT):
+        if not (root / f).is_file():
+            raise SystemExit(f"the embedded model's {f} is missing from {root}")
+    out.mkdir(parents=True, exist_ok=True)
+    clips_file, latents_file = out / f"{attribute}_clips.pt", out / f"{attribute}_latents.pt"
+    if not clips_file.exists():
+        size = 64 if smoke else int(cfg.default_size.split("*")[0])
+        seeds = split_seeds("train")[start : start + n]
+        save_clips(attribute_clips(seeds, color=attribute, frames=cfg.infer_frames + 1, size=size,
+                                   progress=progress), clips_file)
+    if not latents_file.exists():
+        vae = load_small_vae(root / VAE_SAFETENSORS, torch.device("cpu"))
+        text = load_text_encoder(cfg, root, torch.device("cpu"), True)
+        build_latents(cfg, load_clips(clips_file), vae, text, progress=progress).save(latents_file)
+    file = train_lora(cfg, LatentSet.load(latents_file), root, out, expert=expert, attribute=attribute, rank=rank,
+                      alpha=float(rank), steps=steps, batch=batch, lr=lr, progress=progress,
+                      max_seconds=None if max_minutes is None else max_minutes * 60)
+    log.info("wrote %s", file)
+    if eval_n <= 0:
+        return None
+    res = evaluate(cfg, file, expert=expert, color=attribute, n=eval_n, progress=progress)
+    (out / f"{attribute}_{expert}_eval.json").write_text(json.dumps(res, indent=1))
+    m = res["mean"]
+    print(f"held-out avatars: {eval_n}; LoRA {file.name} on expert {expert}")
+    print("| | base | LoRA |\n|---|---|---|")
+    for key, label in (("face_attr_fraction", f"face pixels closer to {attribute} than to the own colour"),
+                       ("face_rgb_dist_attr", f"face RGB distance to {attribute}"),
+                       ("psnr_face_vs_attr", f"face PSNR vs the {attribute} render (dB)"),
+                       ("psnr_rest", "rest-of-frame PSNR vs ground truth (dB)")):
+        print(f"| {label} | {m['base_' + key]:.3f} | {m['lora_' + key]:.3f} |")
+    print(f"rest-of-frame PSNR change: {m['psnr_rest_delta']:+.2f} dB")
+    return res
 
 
 if __name__ == "__main__":
