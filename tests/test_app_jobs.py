@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import wanmoe
@@ -141,3 +142,49 @@ def test_upload_outside_folder_is_never_opened(app, monkeypatch):
     with pytest.raises(InputError):
         q.submit(FORM, image="/etc/passwd", audio=up / "short.wav")
     assert "/etc/passwd" not in opened
+
+
+def test_tts_job_with_int8_experts(app):
+    """Typed words (espeak-ng) drive the face; int8 experts load on first use beside the float ones."""
+    from wanmoe import tts
+
+    if not tts.espeak_available():
+        pytest.skip("espeak-ng is not installed (scripts/setup.sh dev installs it)")
+    q, up = app
+    job = q.submit(dict(FORM, tts_text="hello there", tts_voice="en+f3", int8=True), image=up / "ref.png")
+    _wait(lambda: job.state in ("done", "failed"))
+    assert job.state == "done", job.message
+    assert set(q._pipes) == {False, True} and q._pipes[True].options.int8
+    side = json.loads(job.sidecar.read_text())
+    assert "hello there" in side["inputs"]["audio"] and media.probe_video(job.video)["audio_duration"] > 0
+    with pytest.raises(InputError, match="cannot be combined with audio"):
+        q.submit(dict(FORM, tts_text="hi"), image=up / "ref.png", audio=up / "short.wav")
+
+
+def test_text_to_video_job(tiny_ckpt, tmp_path):
+    q = JobQueue(lambda int8: wanmoe.load(tiny_ckpt("t2v-tiny")), tmp_path / "app", upload_dir=tmp_path / "up",
+                 warmup=False)
+    try:
+        (tmp_path / "up").mkdir()
+        media.save_png(tmp_path / "up" / "x.png", np.zeros((64, 64, 3), np.uint8))
+        with pytest.raises(InputError, match="image does not apply"):
+            q.submit({"prompt": "a boat", "size": "64*48"}, image=tmp_path / "up" / "x.png")
+        job = q.submit({"prompt": "a boat", "size": "64*48", "steps": 2, "seed": 1})
+        _wait(lambda: job.state in ("done", "failed"))
+        assert job.state == "done", job.message
+        assert job.frames_done == media.probe_video(job.video)["frames"] == q.cfg.frame_num
+    finally:
+        q.close()
+
+
+def test_serve_is_a_subcommand(capsys, monkeypatch):
+    import importlib.util
+
+    from wanmoe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0 and "--host" in capsys.readouterr().out
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["serve"]) == 2 and "pip install 'wanmoe[app]'" in capsys.readouterr().err

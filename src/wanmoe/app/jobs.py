@@ -28,6 +28,7 @@ import torch
 
 from wanmoe.api import Pipeline
 from wanmoe.app.preview import LatentRGB, RGBFit, frames_uint8, png_data_uri, strip
+from wanmoe.configs import PipelineConfig
 from wanmoe.experts import expert_weights
 from wanmoe.inputs import Inputs, read_inputs
 from wanmoe.pipeline import Preview, Progress
@@ -101,25 +102,34 @@ class Job:
                 "experts": {n: [d, t] for n, d, t in self.expert_counts()},
                 "eta_s": None if self.eta_s is None else round(self.eta_s, 1), "message": self.message,
                 "first_frame_s": self.first_frame_s, "seed": self.request.seed, "timings": self.timings,
+                "created": self.created, "started": self.started, "finished": self.finished,
+                "prompt": self.request.prompt,
                 "video": self.video.name if self.video else None}
 
 
 class Rates:
-    """Running estimates (exponential averages) of what a job's stages cost here, for ETAs."""
+    """Running estimates (exponential averages) of what a job's stages cost here, for ETAs; per pixel of a clip
+    (frames x W x H), so a short warm-up clip predicts a full one."""
 
     def __init__(self) -> None:
-        self.step_s: float | None = None  # one sampling step
-        self.decode_s: float | None = None  # one clip's decode
-        self.mux_s: float | None = None  # writing one video
+        self.step: float | None = None  # seconds of one sampling step, per clip pixel
+        self.decode: float | None = None  # seconds of one clip's decode, per clip pixel
+        self.mux_s: float | None = None  # closing one video file
 
     @staticmethod
     def _avg(old: float | None, new: float, a: float = 0.5) -> float:
         return new if old is None else (1 - a) * old + a * new
 
-    def learn(self, timings: dict, steps: int, clips: int, mux_s: float) -> None:
-        self.step_s = self._avg(self.step_s, timings["sample_s"] / max(1, steps))
-        self.decode_s = self._avg(self.decode_s, timings["decode_s"] / max(1, clips))
-        self.mux_s = self._avg(self.mux_s, mux_s)
+    def learn(self, timings: dict, steps: int, clips: int, clip_pixels: int, mux_s: float | None) -> None:
+        self.step = self._avg(self.step, timings["sample_s"] / max(1, steps) / clip_pixels)
+        self.decode = self._avg(self.decode, timings["decode_s"] / max(1, clips) / clip_pixels)
+        if mux_s is not None:  # the warm-up writes no file
+            self.mux_s = self._avg(self.mux_s, mux_s)
+
+
+def clip_pixels(cfg: PipelineConfig, req: Request) -> int:
+    """Frames x W x H of one clip: what a step's and a decode's cost scale with."""
+    return (req.infer_frames if cfg.modality == "s2v" else req.frame_num) * req.size[0] * req.size[1]
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -304,14 +314,16 @@ class JobQueue:
         costs for ETAs and fits the preview's colour map, before the first user job."""
         t0 = time.perf_counter()
         try:
-            req = make_request(self.cfg, steps=preset_steps(self.cfg.sample_steps, "fast"), seed=0,
-                               **({"num_clip": 1} if self.cfg.modality == "s2v" else {}))
+            # A short clip: it primes the same kernels as a full one (a cold first job waited 15 s for its first
+            # frame here, a warm one 2 s) in a third of the time.
+            short = {"num_clip": 1, "infer_frames": min(self.cfg.infer_frames, 16)} if self.cfg.modality == "s2v" \
+                else {}
+            req = make_request(self.cfg, steps=preset_steps(self.cfg.sample_steps, "fast"), seed=0, **short)
             inputs = read_inputs(self.cfg) if self.cfg.embedded else None
             if inputs is not None:
                 job = Job(id="warmup", form={}, request=req, inputs=inputs, folder=self.out_dir, plan=[])
-                t1 = time.perf_counter()
                 video = self._generate(self.pipe, job)
-                self.rates.learn(video.timings, req.steps, 1, 0.05 * (time.perf_counter() - t1))
+                self.rates.learn(video.timings, req.steps, 1, clip_pixels(self.cfg, req), None)
         except Exception as e:  # noqa: BLE001 (a failed warm-up only costs the first job its ETA and preview)
             log.warning("warm-up skipped: %s", e)
         log.info("warm-up took %.1f s", time.perf_counter() - t0)
@@ -375,7 +387,7 @@ class JobQueue:
             job.video, job.sidecar = path, path.with_suffix(".json")
             job.timings = {k: round(float(v), 3) for k, v in video.timings.items()}
             mux_s = max(0.0, video.timings["total_s"] - video.timings.get("generate_s", video.timings["total_s"]))
-            self.rates.learn(video.timings, job.total_steps, job.clips, mux_s)
+            self.rates.learn(video.timings, job.total_steps, job.clips, clip_pixels(self.cfg, job.request), mux_s)
             self._end(job, "done", f"{job.frames_done} frames in {time.time() - job.started:.1f} s")
         except Cancelled:
             self._end(job, "cancelled", "cancelled while running")
@@ -391,13 +403,14 @@ class JobQueue:
         r = self.rates
         t_start, done_then = stage_t0
         seen = job.step - done_then
-        step_s = (time.perf_counter() - t_start) / seen if seen > 0 else r.step_s
-        if step_s is None or r.decode_s is None:
+        px = clip_pixels(self.cfg, job.request)
+        step_s = (time.perf_counter() - t_start) / seen if seen > 0 else None if r.step is None else r.step * px
+        if step_s is None or r.decode is None:
             return None
         per_clip = job.request.infer_frames if self.cfg.modality == "s2v" else job.request.frame_num
         part = min(0.95, job.clip_frames / max(1, per_clip)) if job.stage == "decode" else 0.0
         decodes_left = max(0.0, job.clips - job.clips_decoded - part)
-        return (job.total_steps - job.step) * step_s + decodes_left * r.decode_s + (r.mux_s or 0.0)
+        return (job.total_steps - job.step) * step_s + decodes_left * r.decode * px + (r.mux_s or 0.0)
 
     # ------------------------------------------------------------------------------------------- history on disk
 

@@ -16,6 +16,7 @@ per job. This is a command-line entry point: it alone sets process-wide state (e
 
 
 import argparse
+import importlib.util
 import logging
 import os
 import re
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if importlib.util.find_spec("gradio") is None:
+        print("error: wanmoe serve needs the app extra: pip install 'wanmoe[app]' (gradio)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out_dir or default_out_dir()).expanduser().resolve()
     uploads = out / "uploads"
@@ -178,17 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["TMPDIR"] = str(out / "tmp")
     tempfile.tempdir = str(out / "tmp")
-    try:
-        import gradio  # noqa: F401
-        import uvicorn
-    except ImportError:
-        print("error: wanmoe serve needs the app extra: pip install 'wanmoe[app]' (gradio)", file=sys.stderr)
-        return 2
-    # Images are checked by wanmoe.inputs from their header (size limits, decompression bombs) with the CLI's rules;
-    # gradio only opens the header of an upload, so PIL's own cap would only replace our message with its own.
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None
+    import uvicorn  # a dependency of gradio
 
     import wanmoe
     from wanmoe.app.jobs import JobQueue

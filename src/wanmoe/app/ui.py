@@ -38,6 +38,9 @@ CSS = """
 #wm-status img { image-rendering: pixelated; border-radius: 4px; }
 #wm-message .wm-error { color: #b00020; font-weight: 600; }
 #wm-message .wm-ok { color: #1b4332; }
+#wm-history { flex-wrap: wrap; }
+#wm-history .wm-history-item { flex: 1 1 320px; max-width: 440px; border: 1px solid var(--border-color-primary);
+  border-radius: 8px; padding: 8px; }
 """
 
 
@@ -76,8 +79,8 @@ def status_html(q: JobQueue) -> tuple[str, tuple]:
     if job.state == "queued":
         head = f"job {job.id}: waiting" + (" for the warm-up" if q.warming else "")
     elif job.state == "running":
-        eta = "ETA --" if job.eta_s is None else f"ETA {job.eta_s:.1f} s"
-        head = f"job {job.id}: running, {job.stage} &middot; {eta} &middot; {time.time() - job.started:.1f} s"
+        left = "time left: measuring" if job.eta_s is None else f"about {job.eta_s:.1f} s left"
+        head = f"job {job.id}: {job.stage} &middot; {time.time() - job.started:.1f} s &middot; {left}"
     else:
         head = f"job {job.id}: {job.state} &middot; {_esc(job.message)}"
     elapsed = (job.finished or time.time()) - (job.started or time.time())
@@ -89,7 +92,7 @@ def status_html(q: JobQueue) -> tuple[str, tuple]:
         figs.append(f'<figure><img id="wm-preview" src="{job.preview_uri}" alt="live preview"><figcaption>'
                     f"live preview: x0 after step {job.step} of {job.total_steps}</figcaption></figure>")
     if job.frame_uri:
-        first = "" if job.first_frame_s is None else f", first at {job.first_frame_s:.2f} s"
+        first = "" if job.first_frame_s is None else f" (the first {job.first_frame_s:.2f} s after submitting)"
         figs.append(f'<figure><img id="wm-frame" src="{job.frame_uri}" alt="newest decoded frame"><figcaption>'
                     f"decoded frame {job.frames_done}{first}</figcaption></figure>")
     attrs = (f'data-job="{_esc(job.id)}" data-state="{job.state}" data-stage="{job.stage}" data-step="{job.step}" '
@@ -181,24 +184,23 @@ def build(q: JobQueue) -> gr.Blocks:
             jobs = q.history()[:HISTORY_SHOWN]
             if not jobs:
                 gr.Markdown("*nothing yet*")
-            for job in jobs:
-                with gr.Group(elem_classes=["wm-history-item", f"wm-{job.state}"]):
-                    took = job.timings.get("total_s")
-                    gr.Markdown(f"**{job.id}** &middot; {job.state} &middot; {_esc(job.message)}"
-                                + (f" &middot; generation {took:.1f} s" if took else "")
-                                + f"\n\n{_esc(job.request.prompt)}")
-                    if job.video is not None:
-                        gr.Video(value=str(job.video), label="video", elem_classes=["wm-video"], height=260)
-                    with gr.Row():
-                        again = gr.Button("Use these settings again", size="sm", elem_classes=["wm-again"])
+            with gr.Row(elem_id="wm-history"):
+                for job in jobs:
+                    with gr.Column(min_width=320, elem_classes=["wm-history-item", f"wm-{job.state}"]):
+                        took = job.timings.get("total_s")
+                        gr.Markdown(f"**{job.id}** &middot; {job.state} &middot; {_esc(job.message)}"
+                                    + (f" &middot; generation {took:.1f} s" if took else "")
+                                    + f"<br>{_esc(job.request.prompt[:120])}")
                         if job.video is not None:
-                            gr.DownloadButton("Download mp4", value=str(job.video), size="sm",
-                                              elem_classes=["wm-dl-mp4"])
-                            gr.DownloadButton("Download JSON sidecar", value=str(job.sidecar), size="sm",
-                                              elem_classes=["wm-dl-json"])
-                    with gr.Accordion("Settings", open=False):
-                        gr.JSON(value=job.request.to_json())
-                    again.click(lambda j=job.id: _restore(q, j, experts), outputs=form, api_visibility="private")
+                            gr.Video(value=str(job.video), label=job.video.name, elem_classes=["wm-video"], height=240)
+                            with gr.Row():
+                                gr.DownloadButton("mp4", value=str(job.video), size="sm", elem_classes=["wm-dl-mp4"])
+                                gr.DownloadButton("JSON sidecar", value=str(job.sidecar), size="sm",
+                                                  elem_classes=["wm-dl-json"])
+                        again = gr.Button("Use these settings again", size="sm", elem_classes=["wm-again"])
+                        with gr.Accordion("Settings", open=False):
+                            gr.JSON(value=job.request.to_json())
+                        again.click(lambda j=job.id: _restore(q, j, experts), outputs=form, api_visibility="private")
 
         def submit(*values: object) -> str:
             vals = dict(zip(["image", "drive", "audio", "tts_text", "tts_voice", "prompt", "quality", "steps", "solver",
