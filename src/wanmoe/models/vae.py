@@ -118,7 +118,7 @@ class WanVAE(nn.Module):
             h = torch.cat([self.encoder(c, cache) for c in chunks], dim=2)  # (B, 2z, F, H, W)
         else:
             h = self.encoder(video, cache)  # (B, 2z, F, H, W)
-        mu, log_var = self.conv1(h).chunk(2, dim=1)  # 2 x (B, z, F, H, W)
+        mu, log_var = self.conv1(h).contiguous().chunk(2, dim=1)  # 2 x (B, z, F, H, W), standard layout
         return mu, log_var
 
     def encode(
@@ -150,6 +150,7 @@ class WanVAE(nn.Module):
             out = torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
         else:
             out = self.decoder(x, cache)  # (B, 3, T, Hp, Wp)
+        out = out.contiguous()  # standard layout for callers, whatever layout the blocks computed in
         return out.clamp(-1.0, 1.0) if clamp else out
 
     # ---- boundary checks and helpers ------------------------------------------------------------------------

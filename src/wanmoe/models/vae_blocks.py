@@ -10,6 +10,11 @@ The cache is made by the caller for every encode/decode call and is never stored
 two threads (two experts' pipelines) at once, and autograd flows through the cached frames for training.
 
 Every block takes ``(x, cache)`` so the stacks can run them uniformly.
+
+Kernels. The temporal convolutions call ``wanmoe.backends.conv3d``: on CPU fp32 it runs oneDNN instead of the
+reference kernel PyTorch picks for these narrow shapes. The blocks work in either memory format and keep the one
+they are given; ``Encoder``/``Decoder`` put their activations in the layout ``backends.activation_format`` names
+(channels-last where the convs run in oneDNN: no reorder per conv, and the channel norms read contiguous memory).
 """
 
 from __future__ import annotations
@@ -19,12 +24,35 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from wanmoe import backends
+
 # A per-call streaming state: module -> the history it needs from earlier chunks (None = "has seen a chunk").
 Cache = dict[nn.Module, "Tensor | None"]
 
 
 def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def _channels_last(x: Tensor) -> bool:
+    """x (B, C, T, H, W) or (N, C, H, W) is stored channels-last (and not also plain contiguous)."""
+    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
+def _to_format(x: Tensor, channels_last: bool) -> Tensor:
+    """x (B, C, T, H, W) or (N, C, H, W) in channels-last memory with canonical strides; unchanged if not asked.
+
+    Canonical includes the size-1 dims (T = 1 in a decode chunk, B = 1): reshapes leave odd strides there, and
+    elementwise ops and interpolation order their output by every stride, so one odd stride can turn a
+    channels-last chain back into contiguous tensors. Re-striding a size-1 dim addresses the same elements, so
+    it copies nothing."""
+    if not channels_last:
+        return x
+    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    x = x.contiguous(memory_format=fmt)
+    strides = torch.empty(x.shape, device="meta", memory_format=fmt).stride()
+    return x if x.stride() == strides else x.as_strided(x.shape, strides)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -42,7 +70,8 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_ch, out_ch, kernel, stride=stride, padding=0)
         pt, ph, pw = _triple(padding)
         self.time_pad = 2 * pt  # all temporal padding goes before the first frame (causality)
-        self.space_pad = (pw, pw, ph, ph)
+        # Symmetric spatial zero padding is the conv's own padding (no padded copy of x): the same sums.
+        self.space_pad = (0, ph, pw)
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
         # x (B, C, T, H, W)
@@ -54,8 +83,9 @@ class CausalConv3d(nn.Conv3d):
                 pad_t -= prev.shape[2]
             # Keep only the history the next chunk needs; clone so the concatenated buffer can be freed.
             cache[self] = x[:, :, -self.time_pad :].clone()
-        x = F.pad(x, (*self.space_pad, pad_t, 0))
-        return super().forward(x)
+        if pad_t > 0:
+            x = F.pad(x, (0, 0, 0, 0, pad_t, 0))  # (B, C, pad_t + T, H, W): zero frames before the first
+        return backends.conv3d(x, self.weight, self.bias, self.stride, self.space_pad)
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +98,10 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        # Official: F.normalize(x, dim=1) * scale * gamma (three full-size passes after the norm). Multiplying by the
+        # reciprocal norm, then by gamma * scale, is two passes; it differs by a few ulp.
+        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()  # (B, 1, ...)
+        return x * inv * (self.gamma * self.scale)
 
 
 class ResidualBlock(nn.Module):
@@ -110,7 +143,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
         # Per-frame op: needs no history, so ``cache`` is unused (kept for the uniform block signature).
         b, c, t, h, w = x.shape
-        y = self.norm(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, C, H, W)
+        y = self.norm(_to_format(rearrange(x, "b c t h w -> (b t) c h w"), _channels_last(x)))  # (B*T, C, H, W)
         # qkv channels are laid out [q | k | v], each C wide.
         q, k, v = rearrange(self.to_qkv(y), "n (three c) h w -> three n 1 (h w) c", three=3)  # 3 x (B*T, 1, HW, C)
         y = F.scaled_dot_product_attention(q, k, v)  # (B*T, 1, HW, C), scale 1/sqrt(C)
@@ -154,7 +187,8 @@ class Resample(nn.Module):
         if self.mode == "upsample3d":
             x = self._time_up(x, cache)  # (B, C, T', H, W), T' = 2T (or 2T - 1 on the first chunk)
         t = x.shape[2]
-        x = self.resample(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, C', H', W')
+        x = _to_format(rearrange(x, "b c t h w -> (b t) c h w"), _channels_last(x))  # (B*T, C, H, W)
+        x = self.resample(x)  # (B*T, C', H', W')
         x = rearrange(x, "(b t) c h w -> b c t h w", t=t)
         if self.mode == "downsample3d":
             x = self._time_down(x, cache)
@@ -173,7 +207,13 @@ class Resample(nn.Module):
 
     def _double(self, x: Tensor, cache: Cache) -> Tensor:
         y = self.time_conv(x, cache)  # (B, 2C, T, H, W)
-        return rearrange(y, "b (r c) t h w -> b c (t r) h w", r=2)  # (B, C, 2T, H, W), halves interleaved in time
+        b, c2, t, h, w = y.shape
+        # "b (r c) t h w -> b c (t r) h w" (halves interleaved in time), written into an output of y's memory
+        # format: einops' reshape would return a contiguous tensor and drop a channels-last layout.
+        fmt = torch.channels_last_3d if _channels_last(y) else torch.contiguous_format
+        out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=fmt)
+        out.view(b, c2 // 2, t, 2, h, w).copy_(y.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5))
+        return out  # (B, C, 2T, H, W)
 
     def _time_down(self, x: Tensor, cache: Cache) -> Tensor:
         prev = cache.get(self)
@@ -222,9 +262,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor, cache: Cache) -> Tensor:
         # x (B, 3, T, H, W) -> (B, z_out, F, H/8, W/8) for the frames of this chunk
-        x = self.conv1(x, cache)
+        cl = backends.activation_format(x) == torch.channels_last_3d  # see "Kernels" in the module docstring
+        x = self.conv1(_to_format(x, cl), cache)
         for block in (*self.downsamples, *self.middle):
-            x = block(x, cache)
+            x = _to_format(block(x, cache), cl)
         norm, act, conv = self.head
         return conv(act(norm(x)), cache)
 
@@ -266,8 +307,9 @@ class Decoder(nn.Module):
 
     def forward(self, x: Tensor, cache: Cache) -> Tensor:
         # x (B, z, F, H, W) -> (B, 3, T, 8H, 8W) for the latent frames of this chunk
-        x = self.conv1(x, cache)
+        cl = backends.activation_format(x) == torch.channels_last_3d  # see "Kernels" in the module docstring
+        x = self.conv1(_to_format(x, cl), cache)
         for block in (*self.middle, *self.upsamples):
-            x = block(x, cache)
+            x = _to_format(block(x, cache), cl)
         norm, act, conv = self.head
         return conv(act(norm(x)), cache)
