@@ -7,15 +7,30 @@ import shutil
 
 import pytest
 
+from wanmoe.configs import ASSETS
 from wanmoe.eval import cli as eval_cli
-from wanmoe.pipeline import ASSETS
+
+# The short evaluation: the shipped model at its shipped settings (one 68-frame clip per sample, 20 steps, audio
+# guidance 2), on 3 held-out samples and the first 3 of the 6 real-speech sentences, "two" and "one" side by side
+# (a process and one thread each: both cores work, and another process on the machine does not stall a
+# two-thread team). The full evaluation (`wanmoe eval --n 3 --speech 6`,
+# docs/results.md) runs all six sentences. Measured on the shipped model (docs/results.md), why this and no less:
+# - 3 held-out samples: the two-experts SSIM lead (0.782 vs 0.775) comes from the third; on the first two alone
+#   one model wins (0.7825 vs 0.7822). PSNR: 15.67 vs 15.28 dB, two experts ahead on all three.
+# - 68 frames, the length the model was trained at: shorter clips (--frames) flip the comparison, one model wins
+#   SSIM on every held-out sample at 52, 36 and 20 frames, so a shorter run would not test the shipped claim.
+# - 20 steps, the default: at 10 steps the SSIM lead shrinks to 0.002.
+# - 3 sentences: their mean sync is 0.53 (0.44, 0.63, 0.53; the other three: 0.29, 0.52, 0.72, mean 0.51; all
+#   six 0.52), the same thin margin over 0.5 as the full run; one or two sentences would test less speech.
+# - sync 0.67 and the control -0.05 are over the held-out samples, the same in the full run.
+SHORT_EVAL = ["--n", "3", "--setups", "two,one", "--speech", "3", "--jobs", "2", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     assert shutil.which("espeak-ng") or shutil.which("espeak"), "espeak-ng is required (CI installs it)"
-    assert eval_cli.main(["--n", "3", "--setups", "two,one", "--speech", "6", "--out", str(out)]) == 0
+    assert eval_cli.main([*SHORT_EVAL, "--out", str(out)]) == 0
     assert (out / "report.md").is_file() and (out / "metrics.png").is_file()
     return json.loads((out / "results.json").read_text())["rows"]
 
@@ -37,7 +52,8 @@ def test_two_experts_beat_one_on_psnr_and_ssim(results):
 
 def test_mouth_follows_the_audio_on_heldout_audio(results):
     # Issue 5's target: audio-mouth sync >= 0.5 at lag 0, on held-out audio and on real synthesized speech (the
-    # mean over six espeak-ng sentences no training clip speaks; the weakest is lower, docs/results.md).
+    # mean over espeak-ng sentences no training clip speaks, here the first three of the full run's six; the
+    # weakest is lower, docs/results.md).
     two = results["two"]
     assert two["gt_sync"] > 0.9  # the metric sees the ground truth's mouth follow the audio
     assert two["sync"] >= 0.5, two["sync"]

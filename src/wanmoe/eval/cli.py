@@ -2,6 +2,8 @@
 
     wanmoe eval --n 8 --out docs/results                       # two experts vs the single-expert baseline
     wanmoe eval --setups two,one,two-threshold,two-blend,two-int8,two-10steps --n 4
+    wanmoe eval --n 3 --setups two,one --speech 6 --out runs/eval  # the full evaluation (docs/results.md)
+    wanmoe eval --n 3 --speech 3 --jobs 2 --threads 1          # the short run of tests/test_eval.py
 
 Each set-up runs in its own subprocess, so its peak memory is its own. For every held-out sample the
 reference image, audio and prompt go through the same Python API (`wanmoe.load`) as `generate.py`; the output is
@@ -40,6 +42,9 @@ SETUPS: dict[str, tuple[str, dict, dict]] = {
     "one-audio2": ("single_expert", {"motion_scale": 2.0}, {}),
     "two-audio1": ("", {"motion_scale": 1.0}, {}),
     "one-audio1": ("single_expert", {"motion_scale": 1.0}, {}),
+    # Step caching per expert at threshold 0.1 (each model's shipped step_cache.json).
+    "two-cache": ("", {"cache": 0.1}, {}),
+    "one-cache": ("single_expert", {"cache": 0.1}, {}),
 }
 # Frames the first clip loses (as the official S2V pipeline drops them): generated frame k shows ground-truth
 # frame k + DROPPED.
@@ -121,9 +126,11 @@ def run_setup(task: str, model_dir: Path, settings: dict, options: dict, cases: 
     pipe = load(model_dir, task=None, **options)
     if frames is not None:
         settings = {**settings, "infer_frames": frames}
-    rows, videos, seconds, n_frames = [], [], 0.0, 0
+    rows, videos, seconds, n_frames, calls = [], [], 0.0, 0, {}
     for c in cases:
         video = pipe(c["sample"].prompt, image=c["image"], audio=c["audio"], seed=seed, **settings)
+        for name, k in video.expert_calls.items():  # transformer evaluations per expert (fewer with caching)
+            calls[name] = calls.get(name, 0) + k
         seconds += video.timings["generate_s"]
         n_frames += video.num_frames
         rows.append({"case": c["name"], **score(video.frames, c["sample"])})
@@ -140,6 +147,8 @@ def run_setup(task: str, model_dir: Path, settings: dict, options: dict, cases: 
         out["sync_speech_min"] = float(min(r["sync"] for r in speech))
         out["sync_speech_best"] = float(np.mean([r["sync_best"] for r in speech]))
     out["s_per_frame"] = seconds / max(n_frames, 1)
+    for name, k in calls.items():
+        out[f"calls_{name}"] = k / len(cases)  # per sample
     out["peak_rss_mb"] = peak_rss_mb()
     out["cases"] = rows
     return out
@@ -158,12 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=None,
                    help="pixel frames per sample, a multiple of 4 (default: one clip of the task's infer_frames)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per set-up process")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="set-ups run side by side (e.g. --jobs 2 --threads 1 on 2 cores; s/frame then shares the CPU)")
     p.add_argument("--out", type=Path, default=Path("eval_out"))
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if not 0 <= a.speech <= len(SPEECH_CASES):
         p.error(f"--speech must be between 0 and {len(SPEECH_CASES)}, got {a.speech}")
+    if a.jobs < 1 or a.threads < 1:
+        p.error(f"--jobs and --threads must be at least 1, got {a.jobs} and {a.threads}")
     torch.set_num_threads(a.threads)
     if a.worker is not None:  # subprocess mode: one set-up, JSON in and out
         job = json.loads(a.worker.read_text())
@@ -184,16 +197,25 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     rows, details = {}, {}
     with tempfile.TemporaryDirectory() as work:
+        jobs = {}
         for name in names:
             sub, settings, options = SETUPS[name]
             job = {"task": a.task, "model": str(root / sub), "settings": settings, "options": options, "n": a.n,
                    "speech": a.speech, "frames": a.frames or cfg.infer_frames, "infer_frames": a.frames,
-                   "seed": a.seed, "work": work, "result": f"{work}/{name}.json"}
+                   "seed": a.seed, "work": f"{work}/{name}", "result": f"{work}/{name}.json"}
+            Path(job["work"]).mkdir()  # each worker writes its own inputs: workers may run side by side
             Path(f"{work}/{name}.job").write_text(json.dumps(job))
-            print(f"eval {name} ...", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, "-m", "wanmoe.eval.cli", "--worker", f"{work}/{name}.job",
-                            "--threads", str(a.threads)], check=True)
-            res = json.loads(Path(job["result"]).read_text())
+            jobs[name] = job
+        for k in range(0, len(names), a.jobs):  # `--jobs` set-ups side by side, each in its own process
+            batch = names[k : k + a.jobs]
+            print(f"eval {', '.join(batch)} ...", file=sys.stderr, flush=True)
+            procs = [subprocess.Popen([sys.executable, "-m", "wanmoe.eval.cli", "--worker", f"{work}/{name}.job",
+                                       "--threads", str(a.threads)]) for name in batch]
+            codes = [proc.wait() for proc in procs]
+            if any(codes):
+                raise SystemExit(f"eval worker(s) failed: {dict(zip(batch, codes))}")
+        for name in names:
+            res = json.loads(Path(jobs[name]["result"]).read_text())
             details[name] = res.pop("cases")
             rows[name] = res
     (a.out / "results.json").write_text(json.dumps({"rows": rows, "cases": details}, indent=2))
