@@ -110,7 +110,10 @@ def use_mode(m: str) -> Iterator[None]:
 
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    """PyTorch was built with oneDNN and it is enabled (``torch.backends.mkldnn.flags`` can switch it off)."""
+    # The C calls behind torch.backends.mkldnn.is_available() / .enabled: asked on every layer call, and the
+    # Python wrappers cost ~2 us each time.
+    return torch._C._has_mkldnn and torch._C._get_mkldnn_enabled()
 
 
 def _cpu_fp32(*ts: Tensor | None) -> bool:
@@ -232,7 +235,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., K), weight (N, K) -> (..., N), through the measured CPU kernel."""
     # Cheap tests only: this runs for every Linear call, and tiny models are bound by per-call overhead. F.linear
     # and oneDNN both require weight and bias on x's device and dtype, so x's are the ones to test.
-    if not (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() > 0):
+    if not (x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() > 0):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -241,6 +244,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     md = _mode_override or _env_mode or mode()
     if md == "default" or x.layout != torch.strided or weight.dim() != 2:
         return F.linear(x, weight, bias)
-    if md == "onednn" or linear_choice(x.numel() * weight.shape[0]) == "onednn":  # numel * N = rows * K * N
-        return _onednn_linear(x, weight, bias)
+    flops = x.numel() * weight.shape[0]  # rows * K * N
+    # The cached choice first (a dict read); linear_choice measures on a miss and checks oneDNN is enabled.
+    choice = _linear_choices.get(("small" if flops <= SMALL_FLOPS else "large", torch.get_num_threads()))
+    if md == "onednn" or (choice or linear_choice(flops)) == "onednn":
+        if onednn_available():
+            return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
