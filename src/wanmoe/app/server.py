@@ -100,8 +100,8 @@ def make_app(q, upload_root: Path, allowed: list[str]):  # noqa: ANN001, ANN201 
                         if key not in ("image", "audio"):
                             raise InputError(key, "is not a file field of this API (image, audio)")
                         name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(value.filename or key).name)[-80:] or key
-                        folder.mkdir(parents=True, exist_ok=True)
-                        dst = folder / f"{key}_{name.lstrip('.')}"
+                        (folder / key).mkdir(parents=True, exist_ok=True)
+                        dst = folder / key / (name.lstrip(".") or key)  # the user's name, so messages use it
                         with dst.open("wb") as out:
                             shutil.copyfileobj(value.file, out)
                         files[key] = dst

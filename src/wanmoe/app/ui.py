@@ -63,7 +63,8 @@ def _stages(job: Job) -> list[tuple[str, str]]:
                                                                   done < total else "")
         out.append((f"{name} expert {done}/{total} steps", c))
     per = job.clips if job.clips > 1 else ""
-    out.append((f"decode {job.frames_done} frames" + (f" ({job.clips_decoded}/{per} clips)" if per else ""), cls(3)))
+    frames = f"{job.frames_done} frame{'' if job.frames_done == 1 else 's'}"
+    out.append((f"decode {frames}" + (f" ({job.clips_decoded}/{per} clips)" if per else ""), cls(3)))
     out.append(("mux", cls(4)))
     return out
 
@@ -236,8 +237,10 @@ def build(q: JobQueue) -> gr.Blocks:
             return (*out, new)
 
         timer = gr.Timer(POLL_S)
+        # Each tick on its own ("multiple"): a tick whose answer is lost cannot hold back the next ones. (Outside
+        # gradio's queue, a tick's new counters would not re-render the queue and history lists.)
         timer.tick(tick, inputs=[seen], outputs=[status, queue_ver, hist_ver, seen], show_progress="hidden",
-                   api_visibility="private", concurrency_limit=None)
+                   api_visibility="private", concurrency_limit=None, trigger_mode="multiple")
         demo.load(tick, inputs=[seen], outputs=[status, queue_ver, hist_ver, seen], show_progress="hidden",
                   api_visibility="private")
     return demo
