@@ -147,7 +147,8 @@ def conv3d(
     the DiT's patchify, on a standard layout) stays on PyTorch's path, where slow_conv3d's im2col is a plain
     reshuffle and measured faster than oneDNN.
     """
-    if mode() == "default" or x.dim() != 5 or not _cpu_fp32(x, weight, bias) or not onednn_available():
+    if (mode() == "default" or x.dim() != 5 or not _cpu_fp32(x, weight, bias) or not onednn_available()
+            or torch.compiler.is_compiling()):  # under torch.compile the compiler chooses the kernels
         return F.conv3d(x, weight, bias, stride, padding)
     k, st, pad = weight.shape[2:], _triple(stride), _triple(padding)
     cl = _channels_last(x)
@@ -236,6 +237,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     # Cheap tests only: this runs for every Linear call, and tiny models are bound by per-call overhead. F.linear
     # and oneDNN both require weight and bias on x's device and dtype, so x's are the ones to test.
     if not (x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() > 0):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():  # the compiler chooses the kernels (oneDNN ops do not trace)
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)

@@ -331,13 +331,17 @@ class ByteTextEncoder(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.text_dim, self.text_len = cfg.text_dim, cfg.text_len
-        self.token_embedding = nn.Embedding(cfg.VOCAB, cfg.text_dim)
+        # A meta build (to load weights into) draws nothing: a random init on meta runs PyTorch's Python reference
+        # kernels, whose first use imports the compiler stack (about a second of start-up).
+        meta = torch.empty(0).device.type == "meta"
+        table = torch.empty(cfg.VOCAB, cfg.text_dim) if meta else None
+        self.token_embedding = nn.Embedding(cfg.VOCAB, cfg.text_dim, _weight=table)
         self.pos_embedding = nn.Parameter(torch.zeros(cfg.text_len, cfg.text_dim))
         self.blocks = nn.ModuleList(_ByteBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.text_dim, eps=cfg.eps)
-        # GPT-2 style small normal init for the embeddings (nanoGPT); Linear layers keep the torch default.
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.pos_embedding, std=0.02)
+        if not meta:  # GPT-2 style small normal init for the embeddings (nanoGPT); Linears keep the torch default
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            nn.init.normal_(self.pos_embedding, std=0.02)
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids (B, text_len) int64, lens (B,) int64 (bytes + end token)."""

@@ -98,6 +98,14 @@ def _pick(m: Tensor, seg: Tensor | None) -> Tensor:
     return m if seg is None else torch.where(seg, m[:, 0:1], m[:, 1:2])
 
 
+def _randn_over_sqrt(shape: tuple[int, ...], d: int) -> Tensor:
+    """randn(shape) / sqrt(d), the reference's modulation init; on the meta device (models built to be loaded) no
+    draw happens: a random op on meta runs PyTorch's Python reference kernels, whose first use imports the
+    compiler stack (about a second of start-up for nothing)."""
+    t = torch.empty(shape)
+    return t if t.device.type == "meta" else torch.randn(shape) / d**0.5
+
+
 class Block(nn.Module):
     """AdaLN-zero style DiT block (Peebles & Xie 2023) with qk-norm, 3-D RoPE and unmodulated text cross-attention."""
 
@@ -110,7 +118,7 @@ class Block(nn.Module):
         self.cross_attn = Attention(d, cfg.num_heads, cfg.eps)
         self.norm2 = LayerNorm32(d, cfg.eps)
         self.ffn = nn.Sequential(Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, d))
-        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.modulation = nn.Parameter(_randn_over_sqrt((1, 6, d), d))
 
     def forward(
         self,
@@ -143,7 +151,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = LayerNorm32(cfg.dim, cfg.eps)
         self.head = Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.modulation = nn.Parameter(_randn_over_sqrt((1, 2, cfg.dim), cfg.dim))
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         # x (B, L, D); e (B, Le, D) time embedding (not e0): (shift, scale) = modulation + e; all fp32.
@@ -178,7 +186,8 @@ class DiT(nn.Module):
         if cfg.s2v is not None:
             attach_s2v_modules(self, cfg)
             self._inject_at = {layer: i for i, layer in enumerate(cfg.s2v.audio_inject_layers)}
-        self.init_weights()
+        if self.head.head.weight.device.type != "meta":  # a meta build is only a shape to load weights into
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -226,7 +226,10 @@ def attach_s2v_modules(model: nn.Module, cfg) -> None:  # cfg: DiTConfig (not im
     model.cond_encoder = nn.Conv3d(s.cond_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
     model.casual_audio_encoder = CausalAudioEncoder(s.audio_dim, s.num_audio_layers, cfg.dim, s.num_audio_token)
     model.audio_injector = AudioInjector(cfg.dim, cfg.num_heads, len(s.audio_inject_layers), cfg.eps, s.adain_eps)
-    model.trainable_cond_mask = nn.Embedding(3, cfg.dim)  # token type: 0 noisy, 1 ref, 2 motion
+    # Token type: 0 noisy, 1 ref, 2 motion. A meta build gets an uninitialised table: a random init on meta runs
+    # PyTorch's Python reference kernels, whose first use imports the compiler stack (a second of start-up).
+    meta = model.patch_embedding.weight.device.type == "meta"
+    model.trainable_cond_mask = nn.Embedding(3, cfg.dim, _weight=torch.empty(3, cfg.dim) if meta else None)
     model.frame_packer = FramePacker(cfg.in_dim, cfg.dim, s.zip_frame_buckets)
 
 
