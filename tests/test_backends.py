@@ -46,6 +46,7 @@ CONVS = [
     ((2, 8, 3, 10, 10), (8, 8, 3, 3, 3), 1, 1, False),  # batch > 1: PyTorch's own oneDNN case
     ((1, 16, 5, 12, 12), (16, 16, 3, 1, 1), (2, 1, 1), 0, False),  # the VAE's strided time conv
     ((1, 16, 3, 18, 18), (24, 16, 3, 3, 3), 1, (0, 1, 1), True),  # channels-last activations (the VAE's layout)
+    ((1, 64, 3, 6, 6), (64, 64, 3, 3, 3), 1, (0, 1, 1), True),  # channels-last, weight > 2x input: x reordered
     ((1, 16, 2, 10, 10), (32, 16, 1, 1, 1), 1, 0, True),  # 1x1x1 on channels-last: a matmul over channels
     ((1, 16, 2, 10, 10), (32, 16, 1, 1, 1), 1, 0, False),  # 1x1x1 on a standard layout: PyTorch's path
     ((1, 16, 3, 16, 16), (64, 16, 1, 2, 2), (1, 2, 2), 0, False),  # the DiT's patchify (non-overlapping)

@@ -13,6 +13,8 @@ per-frame convolutions are all narrow. The rule here, from measurements on that 
   the kernel PyTorch picks itself;
 - a 1x1x1 convolution of a channels-last input is a matmul over channels and goes through ``linear``;
 - any other channels-last input runs in oneDNN, which keeps the layout (PyTorch would return a standard one);
+  where the weight is more than twice the input (wide convs on small frames), x goes in a standard layout and
+  the output is reordered back, since PyTorch would otherwise copy the weight into channels-last on every call;
 - everything else (non-overlapping windows on a standard layout: the DiT's patchify, 1x1x1 convs) stays on
   PyTorch's path, where im2col is a plain reshuffle: slow_conv3d measured 1.5-4x faster than oneDNN there.
 Callers that keep their activations channels-last (``activation_format()`` says when) avoid the layout reorder
@@ -143,7 +145,7 @@ def conv3d(
 
     fp32 on CPU (see the module docstring): overlapping windows (some kernel extent > its stride, e.g. 3x3x3
     stride 1) run in oneDNN; a 1x1x1 convolution of a channels-last x is a matmul over channels (``linear``);
-    any other channels-last x runs in oneDNN, which keeps the layout; the rest (non-overlapping windows such as
+    any other channels-last x runs in oneDNN and stays channels-last; the rest (non-overlapping windows such as
     the DiT's patchify, on a standard layout) stays on PyTorch's path, where slow_conv3d's im2col is a plain
     reshuffle and measured faster than oneDNN.
     """
@@ -155,6 +157,11 @@ def conv3d(
     if cl and tuple(k) == (1, 1, 1) and st == [1, 1, 1] and pad == [0, 0, 0]:
         # (B, T, H, W, C) memory times (O, C)^T -> (B, T, H, W, O): the channels-last (B, O, T, H, W) result.
         return linear(x.permute(0, 2, 3, 4, 1), weight.flatten(1), bias).permute(0, 4, 1, 2, 3)
+    if cl and weight.numel() > 2 * x.numel():
+        # With a channels-last x, PyTorch first copies the weight into that layout, every call; when the weight
+        # is the larger tensor (wide convs on small frames), reordering x and the output instead moves less.
+        y = torch.mkldnn_convolution(x.contiguous(), weight, bias, pad, st, [1, 1, 1], 1)
+        return y.contiguous(memory_format=torch.channels_last_3d)
     if cl or any(ki > si for ki, si in zip(k, st)):
         return torch.mkldnn_convolution(x, weight, bias, pad, st, [1, 1, 1], 1)
     return F.conv3d(x, weight, bias, stride, padding)
