@@ -155,7 +155,8 @@ def test_browser_upload_generate_queue_history(server, browser, tmp_path):
         _shot(d, "idle")
 
     def upload(elem: str, clear_label: str, path: Path) -> None:
-        d.find_element(By.CSS_SELECTOR, f'#{elem} button[aria-label="{clear_label}"]').click()  # drop the example
+        clear = f'#{elem} button[aria-label="{clear_label}"]'  # drop the example (once the page has drawn it)
+        _wait(lambda: d.find_element(By.CSS_SELECTOR, clear), 30, f"{elem} to show its example").click()
         box = _wait(lambda: d.find_element(By.CSS_SELECTOR, f"#{elem} input[type=file]"), 10, f"{elem} upload")
         box.send_keys(str(path))
 

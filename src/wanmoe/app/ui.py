@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from wanmoe.app.jobs import QUALITY, Job, JobQueue, preset_steps
+from wanmoe.configs import PipelineConfig
 from wanmoe.request import InputError
 from wanmoe.sampling.schedules import SOLVERS
 from wanmoe.tts import VOICES
@@ -108,120 +109,125 @@ def _message(text: str, ok: bool) -> str:
     return f'<div class="{"wm-ok" if ok else "wm-error"}">{_esc(text)}</div>'
 
 
-def build(q: JobQueue) -> gr.Blocks:
-    cfg = q.cfg
+def _form(cfg: PipelineConfig, can_cache: bool) -> dict[str, gr.components.Component]:
+    """The inputs and settings, in the current column; keyed as the job form (guidance per expert: guide_<name>)."""
     s2v, experts = cfg.modality == "s2v", list(cfg.experts)
     example = cfg.example_files() if cfg.embedded else {}
     prompt0 = cfg.example_prompt if cfg.embedded else ""
     if example.get("prompt") is not None and Path(example["prompt"]).is_file():
         prompt0 = Path(example["prompt"]).read_text().strip()
-    can_cache = getattr(q.pipe.components, "cache_calibration", None) is not None
+    f: dict[str, gr.components.Component] = {}
+    f["image"] = gr.Image(label="Reference image" if s2v else "Input image", type="filepath", image_mode=None,
+                          sources=["upload", "clipboard"], value=example.get("image"), elem_id="wm-image",
+                          visible=cfg.modality in ("s2v", "i2v"), height=220)
+    f["drive"] = gr.Radio(list(DRIVE), value=DRIVE[0], label="Drive the face with", visible=s2v, elem_id="wm-drive")
+    f["audio"] = gr.Audio(label="Voice (upload or record)", type="filepath", sources=["upload", "microphone"],
+                          value=example.get("audio"), elem_id="wm-audio", visible=s2v)
+    f["tts_text"] = gr.Textbox(label="Words to speak (espeak-ng)", lines=2, visible=False, elem_id="wm-tts")
+    f["tts_voice"] = gr.Dropdown(list(VOICES), value=VOICES[0], label="Voice", visible=False, allow_custom_value=True)
+    f["prompt"] = gr.Textbox(label="Prompt", value=prompt0, lines=2, elem_id="wm-prompt")
+    f["quality"] = gr.Radio(list(QUALITY), value="balanced", label="Preset", elem_id="wm-quality")
+    f["go"] = gr.Button("Generate", variant="primary", elem_id="wm-generate")
+    f["message"] = gr.HTML(elem_id="wm-message")
+    with gr.Accordion("Advanced", open=False, elem_id="wm-advanced"):
+        f["steps"] = gr.Slider(1, max(100, cfg.sample_steps), step=1, label="Sampling steps",
+                               value=preset_steps(cfg.sample_steps, "balanced"), elem_id="wm-steps")
+        with gr.Row():
+            f["solver"] = gr.Dropdown(list(SOLVERS), value=cfg.sample_solver, label="Solver")
+            f["shift"] = gr.Number(value=cfg.sample_shift, label="Shift", minimum=0.01)
+            # Text, not a number: seeds go up to 2**63, beyond what a browser's numbers hold exactly.
+            f["seed"] = gr.Textbox(value="-1", label="Seed (-1: random)", elem_id="wm-seed")
+        with gr.Row():
+            for n in experts:
+                f[f"guide_{n}"] = gr.Number(value=cfg.guide_scale[n], label=f"Guidance, {n} expert")
+        with gr.Row(visible=len(experts) > 1):
+            f["boundary"] = gr.Number(value=cfg.boundary, label="Expert cut (timestep fraction)")
+            f["blend"] = gr.Slider(0.0, 3.0, step=0.1, value=0.0, label="Blend (log-SNR half-width)")
+        with gr.Row(visible=s2v):
+            f["motion_scale"] = gr.Number(value=cfg.motion_scale, label="Motion scale (audio guidance)")
+            f["num_clip"] = gr.Number(value=0, precision=0, label="Clips (0: as many as the audio fills)")
+        with gr.Row():
+            f["size"] = gr.Dropdown(list(cfg.sizes) or [cfg.default_size], value=cfg.default_size,
+                                    allow_custom_value=True, label="Size (W*H)")
+            f["int8"] = gr.Checkbox(value=False, label="int8 experts")
+            f["cache"] = gr.Slider(0.0, 0.5, step=0.05, value=0.0, visible=can_cache,
+                                   label="Step caching threshold (0: off)")
+    return f
 
+
+def _queue_panel(q: JobQueue, version: gr.State, message: gr.HTML) -> None:
+    """The waiting and running jobs, each with its position and a Cancel button; redrawn when `version` changes."""
+
+    @gr.render(inputs=[version])
+    def show_queue(_: int) -> None:
+        jobs = q.active()
+        if not jobs:
+            gr.Markdown("*empty*", elem_classes=["wm-queue-empty"])
+        for job in jobs:
+            where = "running" if job.state == "running" else f"waiting, position {q.position(job)}"
+            with gr.Row(elem_classes=["wm-queue-item"], equal_height=True):
+                gr.Markdown(f"**{job.id}** &middot; {where} &middot; {_esc(job.request.prompt[:60])}")
+                stop = gr.Button("Cancel", size="sm", scale=0, elem_classes=["wm-cancel"])
+                stop.click(lambda j=job.id: _cancel(q, j), outputs=[message], api_visibility="private")
+
+
+def _history_panel(q: JobQueue, version: gr.State, form: dict) -> None:
+    """Finished jobs as cards: video with sound, downloads, settings, "use these settings again"."""
+    keys = [k for k in form if k not in ("go", "message")]
+
+    @gr.render(inputs=[version])
+    def show_history(_: int) -> None:
+        jobs = q.history()[:HISTORY_SHOWN]
+        if not jobs:
+            gr.Markdown("*nothing yet*")
+        with gr.Row(elem_id="wm-history"):
+            for job in jobs:
+                with gr.Column(min_width=320, elem_classes=["wm-history-item", f"wm-{job.state}"]):
+                    took = job.timings.get("total_s")
+                    gr.Markdown(f"**{job.id}** &middot; {job.state} &middot; {_esc(job.message)}"
+                                + (f" &middot; generation {took:.1f} s" if took else "")
+                                + f"<br>{_esc(job.request.prompt[:120])}")
+                    if job.video is not None:
+                        gr.Video(value=str(job.video), label=job.video.name, elem_classes=["wm-video"], height=240)
+                        with gr.Row():
+                            gr.DownloadButton("mp4", value=str(job.video), size="sm", elem_classes=["wm-dl-mp4"])
+                            gr.DownloadButton("JSON sidecar", value=str(job.sidecar), size="sm",
+                                              elem_classes=["wm-dl-json"])
+                    again = gr.Button("Use these settings again", size="sm", elem_classes=["wm-again"])
+                    with gr.Accordion("Settings", open=False):
+                        gr.JSON(value=job.request.to_json())
+                    again.click(lambda j=job.id: [_restore(q, j)[k] for k in keys], outputs=[form[k] for k in keys],
+                                api_visibility="private")
+
+
+def build(q: JobQueue) -> gr.Blocks:
+    cfg = q.cfg
+    s2v = cfg.modality == "s2v"
     with gr.Blocks(title=f"wanmoe: {cfg.task}", analytics_enabled=False) as demo:
         gr.Markdown(f"## wanmoe &middot; {cfg.task}\nA face, a voice (or typed words) and a prompt become a talking "
                     "video. Jobs run one at a time, in order; finished ones stay in the history below."
                     if s2v else f"## wanmoe &middot; {cfg.task}")
         with gr.Row():
             with gr.Column(scale=5):
-                image = gr.Image(label="Reference image" if s2v else "Input image", type="filepath", image_mode=None,
-                                 sources=["upload", "clipboard"], value=example.get("image"), elem_id="wm-image",
-                                 visible=cfg.modality in ("s2v", "i2v"), height=220)
-                drive = gr.Radio(list(DRIVE), value=DRIVE[0], label="Drive the face with", visible=s2v,
-                                 elem_id="wm-drive")
-                audio = gr.Audio(label="Voice (upload or record)", type="filepath", sources=["upload", "microphone"],
-                                 value=example.get("audio"), elem_id="wm-audio", visible=s2v)
-                tts_text = gr.Textbox(label="Words to speak (espeak-ng)", lines=2, visible=False, elem_id="wm-tts")
-                tts_voice = gr.Dropdown(list(VOICES), value=VOICES[0], label="Voice", visible=False,
-                                        allow_custom_value=True)
-                prompt = gr.Textbox(label="Prompt", value=prompt0, lines=2, elem_id="wm-prompt")
-                quality = gr.Radio(list(QUALITY), value="balanced", label="Preset", elem_id="wm-quality")
-                go = gr.Button("Generate", variant="primary", elem_id="wm-generate")
-                message = gr.HTML(elem_id="wm-message")
-                with gr.Accordion("Advanced", open=False, elem_id="wm-advanced"):
-                    steps = gr.Slider(1, max(100, cfg.sample_steps), step=1, label="Sampling steps",
-                                      value=preset_steps(cfg.sample_steps, "balanced"), elem_id="wm-steps")
-                    with gr.Row():
-                        solver = gr.Dropdown(list(SOLVERS), value=cfg.sample_solver, label="Solver")
-                        shift = gr.Number(value=cfg.sample_shift, label="Shift", minimum=0.01)
-                        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
-                    with gr.Row():
-                        guides = [gr.Number(value=cfg.guide_scale[n], label=f"Guidance, {n} expert") for n in experts]
-                    with gr.Row(visible=len(experts) > 1):
-                        boundary = gr.Number(value=cfg.boundary, label="Expert cut (timestep fraction)")
-                        blend = gr.Slider(0.0, 3.0, step=0.1, value=0.0, label="Blend (log-SNR half-width)")
-                    with gr.Row(visible=s2v):
-                        motion = gr.Number(value=cfg.motion_scale, label="Motion scale (audio guidance)")
-                        num_clip = gr.Number(value=0, precision=0, label="Clips (0: as many as the audio fills)")
-                    with gr.Row():
-                        size = gr.Dropdown(list(cfg.sizes) or [cfg.default_size], value=cfg.default_size,
-                                           allow_custom_value=True, label="Size (W*H)")
-                        int8 = gr.Checkbox(value=False, label="int8 experts")
-                        cache = gr.Slider(0.0, 0.5, step=0.05, value=0.0, visible=can_cache,
-                                          label="Step caching threshold (0: off)")
+                form = _form(cfg, getattr(q.pipe.components, "cache_calibration", None) is not None)
             with gr.Column(scale=6):
                 status = gr.HTML(status_html(q)[0], elem_id="wm-status")
                 gr.Markdown("### Queue")
                 queue_ver = gr.State(-1)
-
-                @gr.render(inputs=[queue_ver])
-                def show_queue(_: int) -> None:
-                    jobs = q.active()
-                    if not jobs:
-                        gr.Markdown("*empty*", elem_classes=["wm-queue-empty"])
-                    for job in jobs:
-                        where = "running" if job.state == "running" else f"waiting, position {q.position(job)}"
-                        with gr.Row(elem_classes=["wm-queue-item"], equal_height=True):
-                            gr.Markdown(f"**{job.id}** &middot; {where} &middot; {_esc(job.request.prompt[:60])}")
-                            stop = gr.Button("Cancel", size="sm", scale=0, elem_classes=["wm-cancel"])
-                            stop.click(lambda j=job.id: _cancel(q, j), outputs=[message], api_visibility="private")
-
+                _queue_panel(q, queue_ver, form["message"])
         gr.Markdown("### History")
         hist_ver = gr.State(-1)
-        form = [image, drive, audio, tts_text, tts_voice, prompt, quality, steps, solver, shift, seed, *guides,
-                boundary, blend, motion, num_clip, size, int8, cache]
-
-        @gr.render(inputs=[hist_ver])
-        def show_history(_: int) -> None:
-            jobs = q.history()[:HISTORY_SHOWN]
-            if not jobs:
-                gr.Markdown("*nothing yet*")
-            with gr.Row(elem_id="wm-history"):
-                for job in jobs:
-                    with gr.Column(min_width=320, elem_classes=["wm-history-item", f"wm-{job.state}"]):
-                        took = job.timings.get("total_s")
-                        gr.Markdown(f"**{job.id}** &middot; {job.state} &middot; {_esc(job.message)}"
-                                    + (f" &middot; generation {took:.1f} s" if took else "")
-                                    + f"<br>{_esc(job.request.prompt[:120])}")
-                        if job.video is not None:
-                            gr.Video(value=str(job.video), label=job.video.name, elem_classes=["wm-video"], height=240)
-                            with gr.Row():
-                                gr.DownloadButton("mp4", value=str(job.video), size="sm", elem_classes=["wm-dl-mp4"])
-                                gr.DownloadButton("JSON sidecar", value=str(job.sidecar), size="sm",
-                                                  elem_classes=["wm-dl-json"])
-                        again = gr.Button("Use these settings again", size="sm", elem_classes=["wm-again"])
-                        with gr.Accordion("Settings", open=False):
-                            gr.JSON(value=job.request.to_json())
-                        again.click(lambda j=job.id: _restore(q, j, experts), outputs=form, api_visibility="private")
-
-        def submit(*values: object) -> str:
-            vals = dict(zip(["image", "drive", "audio", "tts_text", "tts_voice", "prompt", "quality", "steps", "solver",
-                             "shift", "seed"], values[:11], strict=True))
-            rest = values[11:]
-            vals["guide_scale"] = dict(zip(experts, rest[: len(experts)], strict=True))
-            (vals["boundary"], vals["blend"], vals["motion_scale"], vals["num_clip"], vals["size"], vals["int8"],
-             vals["cache"]) = rest[len(experts):]
-            return _submit(q, vals, s2v, len(experts) > 1)
-
+        _history_panel(q, hist_ver, form)
+        keys = [k for k in form if k not in ("go", "message")]
         # preprocess=False: gradio hands over the uploads' file records untouched (its own image preprocessing would
         # open them with PIL first); JobQueue opens a file only inside the upload folder, with the CLI's checks.
-        go.click(submit, inputs=form, outputs=[message], api_visibility="private", concurrency_limit=None,
-                 preprocess=False)
-        quality.change(lambda v: preset_steps(cfg.sample_steps, v), inputs=[quality], outputs=[steps],
-                       api_visibility="private")
-        drive.change(lambda d: (gr.update(visible=d == DRIVE[0]), gr.update(visible=d == DRIVE[1]),
-                                gr.update(visible=d == DRIVE[1])),
-                     inputs=[drive], outputs=[audio, tts_text, tts_voice], api_visibility="private")
-
+        form["go"].click(lambda *v: _submit(q, dict(zip(keys, v, strict=True))), inputs=[form[k] for k in keys],
+                         outputs=[form["message"]], api_visibility="private", concurrency_limit=None, preprocess=False)
+        form["quality"].change(lambda v: preset_steps(cfg.sample_steps, v), inputs=[form["quality"]],
+                               outputs=[form["steps"]], api_visibility="private")
+        form["drive"].change(lambda d: (gr.update(visible=d == DRIVE[0]), gr.update(visible=d == DRIVE[1]),
+                                        gr.update(visible=d == DRIVE[1])), inputs=[form["drive"]],
+                             outputs=[form["audio"], form["tts_text"], form["tts_voice"]], api_visibility="private")
         seen = gr.State({})
 
         def tick(seen_: dict) -> tuple:
@@ -236,11 +242,10 @@ def build(q: JobQueue) -> gr.Blocks:
                 out[2] = new["history"] = q.finished
             return (*out, new)
 
-        timer = gr.Timer(POLL_S)
         # Each tick on its own ("multiple"): a tick whose answer is lost cannot hold back the next ones. (Outside
         # gradio's queue, a tick's new counters would not re-render the queue and history lists.)
-        timer.tick(tick, inputs=[seen], outputs=[status, queue_ver, hist_ver, seen], show_progress="hidden",
-                   api_visibility="private", concurrency_limit=None, trigger_mode="multiple")
+        gr.Timer(POLL_S).tick(tick, inputs=[seen], outputs=[status, queue_ver, hist_ver, seen], show_progress="hidden",
+                              api_visibility="private", concurrency_limit=None, trigger_mode="multiple")
         demo.load(tick, inputs=[seen], outputs=[status, queue_ver, hist_ver, seen], show_progress="hidden",
                   api_visibility="private")
     return demo
@@ -251,30 +256,34 @@ def _path(v: object) -> object:
     return v.get("path") if isinstance(v, dict) else v
 
 
-def _submit(q: JobQueue, vals: dict, s2v: bool, two_experts: bool) -> str:
+def _submit(q: JobQueue, vals: dict) -> str:
     """Queue a job from the form; a bad input comes back as the library's message, shown in the page."""
-    vals["image"], vals["audio"] = _path(vals.get("image")), _path(vals.get("audio"))
+    cfg = q.cfg
+    s2v, experts = cfg.modality == "s2v", list(cfg.experts)
     text_mode = s2v and vals.pop("drive") == DRIVE[1]
-    form = {k: v for k, v in vals.items() if k not in ("image", "audio")}
+    image, audio = _path(vals.pop("image", None)), _path(vals.pop("audio", None))
+    form = {k: v for k, v in vals.items() if not k.startswith("guide_")}
+    form["guide_scale"] = {n: vals[f"guide_{n}"] for n in experts}
     if not text_mode:
         form["tts_text"] = ""
-    if not two_experts:
+    if len(experts) < 2:
         form.pop("boundary", None)
         form.pop("blend", None)
     if not s2v:
         for k in ("motion_scale", "num_clip"):
             form.pop(k, None)
     form["num_clip"] = int(form["num_clip"]) if form.get("num_clip") else None
-    form["seed"] = -1 if form.get("seed") in (None, "") else int(form["seed"])
+    seed = str(form.get("seed") or "-1").strip()
+    if not seed.lstrip("-").isdigit():
+        return _message(f"Not queued: seed must be an integer (-1: random), got {seed!r}", ok=False)
+    form["seed"] = int(seed)
     form["steps"] = int(form["steps"]) if form.get("steps") else None
     try:
-        job = q.submit(form, image=vals.get("image"), audio=None if text_mode else vals.get("audio"))
+        job = q.submit(form, image=image, audio=None if text_mode else audio)
     except InputError as e:
         return _message(f"Not queued: {e}", ok=False)
-    pos = q.position(job)
-    where = f"position {pos} in the queue" if pos > 1 or q.warming or any(
-        j.state == "running" for j in q.active()) else "starting"
-    return _message(f"Queued job {job.id} ({where}).", ok=True)
+    pos = q.position(job)  # 0: it already runs
+    return _message(f"Queued job {job.id} ({f'position {pos} in the queue' if pos else 'running'}).", ok=True)
 
 
 def _cancel(q: JobQueue, job_id: str) -> str:
@@ -285,21 +294,21 @@ def _cancel(q: JobQueue, job_id: str) -> str:
     return _message(f"Job {job.id}: {job.message or job.state}.", ok=True)
 
 
-def _restore(q: JobQueue, job_id: str, experts: list[str]) -> list:
-    """The form as this job had it (its own copies of the inputs, the seed it ran with)."""
-    job = q.get(job_id)
-    f = job.form
+def _restore(q: JobQueue, job_id: str) -> dict:
+    """The form as this job had it (its own copies of the inputs, the seed it ran with), keyed as `_form`."""
+    job, experts = q.get(job_id), list(q.cfg.experts)
+    f, r = job.form, job.request
     img = job.folder / f["image"] if f.get("image") else None
     aud = job.folder / f["audio"] if f.get("audio") else None
-    g = f.get("guide_scale") or {}
-    g = g if isinstance(g, dict) else {n: g for n in experts}
     text = f.get("tts_text") or ""
-    return [str(img) if img and img.is_file() else None, DRIVE[1] if text else DRIVE[0],
-            str(aud) if aud and aud.is_file() else None, text, f.get("tts_voice") or VOICES[0], f.get("prompt", ""),
-            f.get("quality") or "balanced", job.request.steps, job.request.solver, job.request.shift, job.request.seed,
-            *[g.get(n, job.request.guide_scale.get(n)) for n in experts], f.get("boundary"), f.get("blend") or 0.0,
-            job.request.motion_scale, job.request.num_clip or 0, job.request.size_str, bool(f.get("int8")),
-            f.get("cache") or 0.0]
+    out = {"image": str(img) if img and img.is_file() else None, "drive": DRIVE[1] if text else DRIVE[0],
+           "audio": str(aud) if aud and aud.is_file() else None, "tts_text": text,
+           "tts_voice": f.get("tts_voice") or VOICES[0], "prompt": f.get("prompt", ""),
+           "quality": f.get("quality") or "balanced", "steps": r.steps, "solver": r.solver, "shift": r.shift,
+           "seed": str(r.seed), "boundary": f.get("boundary", q.cfg.boundary), "blend": f.get("blend") or 0.0,
+           "motion_scale": r.motion_scale, "num_clip": r.num_clip or 0, "size": r.size_str,
+           "int8": bool(f.get("int8")), "cache": f.get("cache") or 0.0}
+    return out | {f"guide_{n}": r.guide_scale.get(n) for n in experts}
 
 
 __all__ = ["build", "status_html", "POLL_S"]
