@@ -478,7 +478,7 @@ def test_train_lora_smoke_writes_a_lora_the_pipeline_loads(tmp_path):
     from wanmoe.train.cli import main
 
     assert main(["lora", "--smoke", "--quiet", "--out", str(tmp_path)]) == 0
-    f = tmp_path / "magenta_low.safetensors"
+    f = tmp_path / "green_low.safetensors"
     with safe_open(str(f), "pt") as h:
         assert h.metadata()["expert"] == "low" and h.metadata()["steps"] == "3"
     assert main(["lora", "--smoke", "--quiet", "--out", str(tmp_path), "--steps", "4"]) == 0  # resumes at step 3

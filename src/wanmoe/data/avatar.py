@@ -25,8 +25,8 @@ import torch
 from wanmoe.data.speech import SPEECH_SR, loudness_envelope, synthesize_speech
 
 __all__ = [
-    "AvatarParams", "AvatarSample", "AvatarDataset", "FACE_COLORS", "UNSEEN_FACE_COLORS", "BG_COLORS", "EYE_COLORS",
-    "FACE_SHAPES", "MOTIONS", "MOUTH_INTERIOR", "sample_params", "describe", "render_reference", "render_video",
+    "AvatarParams", "AvatarSample", "AvatarDataset", "FACE_COLORS", "BG_COLORS", "EYE_COLORS", "FACE_SHAPES",
+    "MOTIONS", "MOUTH_INTERIOR", "sample_params", "describe", "render_reference", "render_video",
     "mouth_opening", "make_sample", "render_from_audio", "split_seeds", "SPLITS",
 ]
 
@@ -35,9 +35,6 @@ FACE_COLORS: dict[str, tuple[float, float, float]] = {
     "peach": (0.99, 0.80, 0.64), "green": (0.55, 0.84, 0.48), "blue": (0.52, 0.72, 0.97),
     "lavender": (0.78, 0.68, 0.95), "tan": (0.84, 0.69, 0.50), "white": (0.95, 0.95, 0.92),
 }
-# Face colours `sample_params` never draws, so no training avatar has them: attributes for style LoRAs
-# (`wanmoe train lora`). Kept apart from FACE_COLORS so the seeded draws, and so the datasets, stay unchanged.
-UNSEEN_FACE_COLORS: dict[str, tuple[float, float, float]] = {"magenta": (0.86, 0.22, 0.78)}
 # Backgrounds are never as dark as the mouth interior, so "dark pixels" stay a mouth/pupil cue.
 BG_COLORS: dict[str, tuple[float, float, float]] = {
     "teal": (0.05, 0.52, 0.52), "grey": (0.52, 0.52, 0.52), "purple": (0.46, 0.28, 0.62),
@@ -85,7 +82,7 @@ class AvatarParams:
 
     def __post_init__(self) -> None:
         for name, value, table in (("face_shape", self.face_shape, FACE_SHAPES), ("face_color", self.face_color,
-                                   {**FACE_COLORS, **UNSEEN_FACE_COLORS}), ("bg_color", self.bg_color, BG_COLORS),
+                                   FACE_COLORS), ("bg_color", self.bg_color, BG_COLORS),
                                    ("eye_color", self.eye_color, EYE_COLORS), ("motion", self.motion, MOTIONS)):
             if value not in table:
                 raise ValueError(f"{name}={value!r}; expected one of {sorted(table)}")
@@ -221,8 +218,7 @@ def _render(params: AvatarParams, opening: torch.Tensor, t: torch.Tensor | None,
         img = img + cov.unsqueeze(0) * (torch.tensor(rgb).view(3, 1, 1, 1) - img)
 
     fa, fb, fp = FACE_SHAPES[params.face_shape]
-    face_rgb = {**FACE_COLORS, **UNSEEN_FACE_COLORS}[params.face_color]
-    paint(_cov(_superellipse_sd(u, v, fa, fb, fp), px), face_rgb)
+    paint(_cov(_superellipse_sd(u, v, fa, fb, fp), px), FACE_COLORS[params.face_color])
     vf = v - col(fy)  # features shifted for the nod
     ue = u.abs() - _EYE_X  # both eyes at once: the layout is left/right symmetric in face-local units
     ve = vf - _EYE_Y
@@ -233,7 +229,7 @@ def _render(params: AvatarParams, opening: torch.Tensor, t: torch.Tensor | None,
     vm = vf - _MOUTH_Y
     # Rest half-height of at least 0.75 px so the closed mouth stays a visible line at small sizes.
     mb = col(max(_MOUTH_B0, 0.75 * px) + _MOUTH_B1 * opening)  # (T, 1, 1) mouth half-height
-    lip_rgb = [0.55 * f + 0.45 * l for f, l in zip(face_rgb, _LIP_TINT)]
+    lip_rgb = [0.55 * f + 0.45 * l for f, l in zip(FACE_COLORS[params.face_color], _LIP_TINT)]
     paint(_cov(_superellipse_sd(u, vm, _MOUTH_A + _LIP, mb + _LIP, 2.0), px), lip_rgb)
     paint(_cov(_superellipse_sd(u, vm, _MOUTH_A, mb, 2.0), px), MOUTH_INTERIOR)
     return img.clamp(0, 1)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="expert: start from this checkpoint's EMA weights (e.g. runs/mini/experts/high.pt)")
     p.add_argument("--mouth_weight", type=float, default=0.0,
                    help="expert: extra loss weight on the latent cells over the mouth (lip-region loss)")
-    p.add_argument("--attribute", default="magenta", help="lora: the unseen face colour the LoRA paints")
+    p.add_argument("--attribute", default="green", help="lora: the face colour the LoRA paints every face in")
     p.add_argument("--rank", type=int, default=8, help="lora: rank of each adapted Linear")
     p.add_argument("--eval_n", type=int, default=6, help="lora: held-out avatars measured after training (0: none)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CI)")
@@ -184,13 +184,13 @@ def lora_stage(cfg: PipelineConfig, out: Path, *, expert: str, attribute: str, n
     """`wanmoe train lora` (wanmoe.train.lora_train): attribute clips -> latents -> LoRA -> held-out measurement,
     each stage skipped when its file exists (resumable)."""
     from wanmoe.configs import ASSETS
-    from wanmoe.data.avatar import UNSEEN_FACE_COLORS, split_seeds
+    from wanmoe.data.avatar import FACE_COLORS, split_seeds
     from wanmoe.loading import BYTE_TEXT, VAE_SAFETENSORS, load_small_vae, load_text_encoder
     from wanmoe.train.loop import LatentSet
     from wanmoe.train.lora_train import attribute_clips, evaluate, train_lora
 
-    if attribute not in UNSEEN_FACE_COLORS:
-        raise SystemExit(f"--attribute {attribute!r}: choose one of {sorted(UNSEEN_FACE_COLORS)}")
+    if attribute not in FACE_COLORS:
+        raise SystemExit(f"--attribute {attribute!r}: choose a face colour of {sorted(FACE_COLORS)}")
     if expert not in cfg.experts:
         raise SystemExit(f"--expert {expert!r}: {cfg.task} has experts {', '.join(cfg.experts)}")
     root = ASSETS / cfg.task
