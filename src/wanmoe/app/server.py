@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["TMPDIR"] = str(out / "tmp")
     tempfile.tempdir = str(out / "tmp")
+    # Library caches and settings too (matplotlib's font cache under gradio, espeak-ng's audio-server settings).
+    for var, sub in (("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"), ("MPLCONFIGDIR", "cache/matplotlib")):
+        os.environ[var] = str(out / sub)
     import uvicorn  # a dependency of gradio
 
     import wanmoe
