@@ -8,7 +8,7 @@ The HTTP API (for scripts; README has a curl session):
   GET    /api/jobs/{id}          state, queue position, stage, steps per expert, frames, ETA, timings
   GET    /api/jobs/{id}/video    the mp4 (409 until the job is done); /sidecar: its JSON
   DELETE /api/jobs/{id}          cancel
-The page's gradio API (`gradio_client`) is there too, but these routes are what scripts are meant to use.
+The page's own gradio events are private to it: these routes are the API.
 
 Everything the app writes goes under `--out_dir`: uploads, gradio's file cache, temporary files, and one folder
 per job. This is a command-line entry point: it alone sets process-wide state (environment, temp folder).
@@ -146,7 +146,7 @@ def make_app(q, upload_root: Path, allowed: list[str]):  # noqa: ANN001, ANN201 
     demo = ui.build(q)
     demo.queue(default_concurrency_limit=None)
     return gr.mount_gradio_app(api, demo, path="", allowed_paths=allowed, show_error=True, ssr_mode=False,
-                               max_file_size=f"{MAX_UPLOAD_MB}mb", footer_links=["api"], css=ui.CSS, pwa=False,
+                               max_file_size=f"{MAX_UPLOAD_MB}mb", footer_links=[], css=ui.CSS, pwa=False,
                                enable_monitoring=False, mcp_server=False)
 
 
