@@ -113,12 +113,19 @@ def test_linear_with_gradients_takes_f_linear():
 
 def test_choice_is_measured_once_and_kept():
     backends.clear_measurements()
-    first = [backends.linear_choice(f) for f in (1, 1 << 30)]
-    assert all(c in ("default", "onednn") for c in first)
-    cached = dict(backends._linear_choices)
-    assert {k[0] for k in cached} == {"small", "large"}
-    assert [backends.linear_choice(f) for f in (1, 1 << 30)] * 3 == first * 3  # no re-measurement, same answer
-    assert backends._linear_choices == cached
+    threads = torch.get_num_threads()
+    try:
+        assert backends.linear_choice(backends.SMALL_FLOPS) == "default"  # small products: sgemm, by rule
+        torch.set_num_threads(1)
+        assert backends.linear_choice(1 << 30) == "default" and backends._linear_choices == {1: "default"}
+        torch.set_num_threads(2)  # multi-threaded large products: timed once, then read from the cache
+        first = backends.linear_choice(1 << 30)
+        assert first in ("default", "onednn") and backends._linear_choices[2] == first
+        cached = dict(backends._linear_choices)
+        assert [backends.linear_choice(1 << 30) for _ in range(3)] == [first] * 3
+        assert backends._linear_choices == cached
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_disable_switch(monkeypatch):
