@@ -349,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; bad input exits 2 with one line, Ctrl-C 130 and SIGTERM 143, without a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    previous = None
+    if _main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        # Ctrl-C raises KeyboardInterrupt even when the parent started us with SIGINT ignored (a shell's background
+        # job does): the run then stops cleanly instead of not at all.
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if argv and argv[0] == "experts":
             return cmd_experts(argv[1:])
@@ -369,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def _main_thread() -> bool:
