@@ -23,14 +23,16 @@ choice depends on the shape, and timing each new shape would cost more than the 
 ``tests/test_backends.py`` checks with torch.profiler which kernel runs and the benchmarks re-measure it.
 
 linear. ``nn.Linear`` runs MKL's sgemm on CPU; oneDNN's ``mkldnn::_linear_pointwise`` computes the same product
-(within float rounding). On the project's 2-core machine it was 2.5-3x faster with two threads on products above
-~1 MFLOP, equal with one thread, and slower on small products (its fixed cost per call). So: small products and
-single-threaded runs take sgemm (a documented rule: the measured tie would otherwise flip between runs), and for
-the rest the choice is measured on first use, per thread count: both kernels are timed alternately (best of
-several rounds), oneDNN's result is checked against ``F.linear`` (relative error <= 1e-5, else it is never used),
-and it is taken only when at least 25 % faster: the choice (and with it every output, to the bit) is then the
-same run after run unless load hides a gap that large; pin it with the mode below where that matters. oneDNN's
-linear has no autograd kernel: anything that needs gradients takes ``F.linear``.
+(within float rounding). On the project's 2-core machine, products above ~1 MFLOP with two threads ran as fast in
+both on a quiet machine (sgemm time / oneDNN time 0.95-1.05) and 2.5-3x faster in oneDNN while other processes
+loaded the cores (sgemm loses its second thread then); with one thread they tie, and on small products oneDNN's
+fixed cost per call loses (0.6). So: small products and single-threaded runs take sgemm (a rule from those
+measurements), and multi-threaded products above SMALL_FLOPS take oneDNN unless a measurement on first use (per
+thread count; both kernels timed alternately, best of several rounds) finds sgemm more than 25 % faster, and
+never if oneDNN's result differs from ``F.linear`` by more than 1e-5 (relative). The margin keeps the choice
+from flipping with the load between two runs, which would change outputs between runs of one seed (the embedded
+S2V pipeline turns any change of float rounding into ~43 dB PSNR, as a change of thread count does); set the
+mode below to pin it. oneDNN's linear has no autograd kernel: anything that needs gradients takes ``F.linear``.
 
 Debugging and pinning: ``WANMOE_CPU_BACKENDS=default`` (or ``set_mode("default")``) restores PyTorch's default
 kernels everywhere; ``onednn`` takes oneDNN's linear for every product without measuring; ``auto`` (the default)
@@ -66,11 +68,8 @@ __all__ = [
 ENV_VAR = "WANMOE_CPU_BACKENDS"
 MODES = ("auto", "default", "onednn")
 
-# Linear: which products are timed. Up to SMALL_FLOPS multiply-adds a call, oneDNN's fixed cost (~30 us a call)
-# loses to sgemm, and with one thread the two tie on larger products (measured on the project's machine: sgemm
-# time / oneDNN time = 0.6 at the small probe, 1.0 at the large one); neither case is timed: sgemm runs. Only
-# multi-threaded products above SMALL_FLOPS are timed, at _PROBE, and oneDNN must win by _MARGIN: a choice that
-# could flip between two runs (a tie, or load on a shared machine) would make two runs of one seed differ.
+# Linear (module docstring): up to SMALL_FLOPS multiply-adds a call and with one thread, sgemm without timing;
+# above, with more threads, oneDNN unless sgemm measures _MARGIN faster at _PROBE.
 SMALL_FLOPS = 1 << 20
 _PROBE = (512, 512, 1024)  # (rows, K, N)
 _MARGIN = 1.25
@@ -199,7 +198,7 @@ def _elapsed(fn: Callable[[], object]) -> float:
 
 
 def _measure_linear() -> str:
-    """Time sgemm (F.linear) against oneDNN at the probe shape; "onednn" only if it is exact and clearly faster."""
+    """Time sgemm (F.linear) against oneDNN at the probe shape: "onednn" if exact and not clearly slower."""
     m, k, n = _PROBE
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g)
@@ -219,7 +218,7 @@ def _measure_linear() -> str:
     for _ in range(_ROUNDS):  # alternate so a load change on the shared machine hits both; best of the rounds
         for name, fn in cands.items():
             best[name] = min(best[name], _elapsed(fn))
-    return "onednn" if best["onednn"] * _MARGIN < best["default"] else "default"
+    return "default" if best["default"] * _MARGIN < best["onednn"] else "onednn"
 
 
 def linear_choice(flops: int = 1 << 30) -> str:
