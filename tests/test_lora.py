@@ -478,14 +478,14 @@ def test_train_lora_smoke_writes_a_lora_the_pipeline_loads(tmp_path):
     from wanmoe.train.cli import main
 
     assert main(["lora", "--smoke", "--quiet", "--out", str(tmp_path)]) == 0
-    f = tmp_path / "green_low.safetensors"
+    f = tmp_path / "green_high.safetensors"
     with safe_open(str(f), "pt") as h:
-        assert h.metadata()["expert"] == "low" and h.metadata()["steps"] == "3"
+        assert h.metadata()["expert"] == "high" and h.metadata()["steps"] == "3"
     assert main(["lora", "--smoke", "--quiet", "--out", str(tmp_path), "--steps", "4"]) == 0  # resumes at step 3
-    assert json.loads((tmp_path / "lora_low_loss.jsonl").read_text().splitlines()[-1])["step"] == 4
+    assert json.loads((tmp_path / "green_high_loss.jsonl").read_text().splitlines()[-1])["step"] == 4
     pipe = wanmoe.load("s2v-mini")
-    pipe.load_lora(f, experts="low")
-    assert pipe.loras[0]["scale"] == {"low": 1.0}
+    pipe.load_lora(f, experts="high")
+    assert pipe.loras[0]["scale"] == {"high": 1.0}
 
 
 def test_attribute_scores_see_the_colour_and_the_rest():

@@ -5,7 +5,7 @@
     wanmoe train latents --out runs/mini                  # encode clips, audio and prompts once
     wanmoe train expert  --out runs/mini --expert high    # one noise expert (or `low`, or `dense` baseline)
     wanmoe train export  --out runs/mini --dest DIR       # write the model in the layout generate.py loads
-    wanmoe train lora    --out runs/lora --expert low     # a style LoRA on one expert of the shipped model
+    wanmoe train lora    --out runs/lora --expert high    # a style LoRA on one expert of the shipped model
 
 `--smoke` shrinks every stage to seconds (CI).
 """
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latents", default=None,
                    help="expert: comma list of latent files to train on together (default: OUT/latents.pt)")
     p.add_argument("--steps", type=int, default=None, help="vae/expert: total optimisation steps")
-    p.add_argument("--expert", default=None,
-                   help="expert: high | low | dense (single-expert baseline), default high; lora: default low")
+    p.add_argument("--expert", default="high",
+                   help="expert/lora: high | low, or dense (expert: the single-expert baseline)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (train experts side by side, one each)")
@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CI)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    lora = a.stage == "lora"
-    a.n = a.n if a.n is not None else 48 if lora else 240
-    a.expert = a.expert or ("low" if lora else "high")
+    a.n = a.n if a.n is not None else 48 if a.stage == "lora" else 240
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
     cfg = PRESETS[a.task]

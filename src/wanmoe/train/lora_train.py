@@ -114,8 +114,8 @@ def train_lora(cfg: PipelineConfig, data: LatentSet, root: Path, out: Path, *, e
                rank: int = 8, alpha: float = 8.0, steps: int = 600, batch: int = 2, lr: float = 2e-3,
                drop_text: float = 0.1, drop_audio: float = 0.1, seed: int = 0, ckpt_every: int = 25,
                max_seconds: float | None = None, progress: bool = True) -> Path:
-    """Train a LoRA on `expert` of the model in `root`; resumable from out/lora_<expert>.pt. Returns the
-    safetensors file (`<attribute>_<expert>.safetensors`), written at every checkpoint."""
+    """Train a LoRA on `expert` of the model in `root`; resumable from out/<attribute>_<expert>.pt. Returns the
+    safetensors file (`<attribute>_<expert>.safetensors`), written at every checkpoint and at the end."""
     from wanmoe.lora import save_lora
 
     spec = ex.ExpertSpec(names=cfg.experts, boundary=cfg.boundary)
@@ -124,7 +124,8 @@ def train_lora(cfg: PipelineConfig, data: LatentSet, root: Path, out: Path, *, e
     lora = TrainableLoRA(model, lora_paths(cfg), rank, alpha)
     opt = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, file = out / f"lora_{expert}.pt", out / f"{attribute}_{expert}.safetensors"
+    stem = f"{attribute}_{expert}"
+    ckpt_path, file = out / f"{stem}.pt", out / f"{stem}.safetensors"
     step = 0
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -134,7 +135,7 @@ def train_lora(cfg: PipelineConfig, data: LatentSet, root: Path, out: Path, *, e
     meta = {"task": cfg.task, "expert": expert, "attribute": attribute, "rank": str(rank), "range": f"{lo},{hi}"}
     g = torch.Generator().manual_seed(seed * 1000 + step)
     n, fm = len(data.latents), cfg.dit.s2v.lat_motion_frames
-    logf = (out / f"lora_{expert}_loss.jsonl").open("a")
+    logf = (out / f"{stem}_loss.jsonl").open("a")
     bar = tqdm(total=steps, initial=step, desc=f"lora {expert} [{lo:.3f}, {hi:.3f}]", disable=not progress)
     t0, ema_loss = time.perf_counter(), None
     while step < steps:
@@ -175,6 +176,7 @@ def train_lora(cfg: PipelineConfig, data: LatentSet, root: Path, out: Path, *, e
             break
     bar.close()
     logf.close()
+    save_lora(file, lora.factors(), alpha=alpha, metadata={**meta, "steps": str(step)})
     return file
 
 
