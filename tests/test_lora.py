@@ -498,3 +498,11 @@ def test_attribute_scores_see_the_colour_and_the_rest():
     s_attr, s_own = attribute_scores(attr, own, attr, color), attribute_scores(own, own, attr, color)
     assert s_attr["face_attr_fraction"] == 1.0 and s_own["face_attr_fraction"] == 0.0
     assert s_attr["face_rgb_dist_attr"] < 1e-6 and s_attr["psnr_rest"] == s_own["psnr_rest"]
+
+
+def test_the_shipped_lora_fits_the_embedded_model():
+    from wanmoe.configs import ASSETS, PRESETS
+
+    f = ASSETS / "loras" / "s2v-mini_green_high.safetensors"
+    assert lo.check_lora_file(f, PRESETS["s2v-mini"].dit) == []
+    assert lo.parse_spec(f"{f}@high", PRESETS["s2v-mini"].experts).experts == ("high",)
