@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -139,6 +140,9 @@ TTS_CLOUD = ("needs the official CosyVoice voice-cloning model, which is fetched
              "nothing and speaks --tts_text with espeak-ng (pick a voice with --tts_voice)")
 
 
+_NAME_COUNTER = itertools.count()
+
+
 def output_dir() -> Path:
     """Where default file names land: $WANMOE_OUTPUT_DIR, else ~/wanmoe-outputs (never the source tree)."""
     return Path(os.environ.get("WANMOE_OUTPUT_DIR") or Path.home() / "wanmoe-outputs")
@@ -149,7 +153,9 @@ def default_save_file(task: str, size: tuple[int, int], ulysses_size: int, promp
     (W x H, prompt reduced to letters, digits, - and _) and unique per run (process id and a random suffix)."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt).strip("_")[:50] or "video"
-    tag = f"{os.getpid()}{secrets.token_hex(2)}"
+    # The process id separates concurrent runs on one machine, a counter the calls of one process, and random
+    # bits runs on machines that share the output folder.
+    tag = f"{os.getpid()}-{next(_NAME_COUNTER)}{secrets.token_hex(3)}"
     return output_dir() / f"{task}_{size[0]}x{size[1]}_{ulysses_size}_{slug}_{stamp}_{tag}.mp4"
 
 
