@@ -7,15 +7,17 @@ Our weights are mapped key by key into diffusers' layout (`to_diffusers_dit`) an
 before timing. Contenders run alternately, round after round, so a load change on a shared machine hits all of
 them; the median per contender is reported. "wanmoe[default kernels]" is our model with `wanmoe.backends` off
 (PyTorch's own kernel choices), to show what the measured backends add. Each config also prints achieved GFLOP/s
-(matmul + attention + conv FLOPs, counted once) against this machine's fp32 matmul peak measured in the same run.
+(matmul + attention + conv FLOPs, counted on the meta device) against this machine's fp32 matmul peak, sampled
+in every round between the contenders.
 The last line is ``speed_ratio=<diffusers time / our time>`` at the medium config (> 1: wanmoe is faster).
 
-Also imported by benchmarks/e2e_speed.py (`to_diffusers_dit`, `matmul_peak`, `count_flops`, `alternate`).
+Also imported by vae_speed.py and e2e_speed.py (`to_diffusers_dit`, `PeakProbe`, `count_flops`, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -37,54 +39,84 @@ CONFIGS = {
 # ---- shared helpers (also used by vae_speed.py / e2e_speed.py) ------------------------------------------------
 
 
-def alternate(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Wall times of each callable, run in turn once per round after one warm-up call each."""
+class PeakProbe:
+    """This machine's fp32 matmul peak (n^3, best of MKL sgemm and oneDNN), sampled once per round between the
+    contenders, so it sees the same load as they do (on a shared machine the peak itself moves with the load)."""
+
+    def __init__(self, n: int = 2048) -> None:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        self.flops = 2 * n**3
+        self.fns = {"sgemm": lambda: F.linear(a, b)}
+        if backends.onednn_available():
+            self.fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        self.best = {name: float("inf") for name in self.fns}
+
+    def __call__(self) -> None:
+        with torch.inference_mode():
+            for name, fn in self.fns.items():
+                t0 = time.perf_counter()
+                fn()
+                self.best[name] = min(self.best[name], time.perf_counter() - t0)
+
+    def peak(self) -> tuple[float, str]:
+        """(GFLOP/s, kernel) of the best sample so far."""
+        kernel = min(self.best, key=self.best.get)
+        return self.flops / self.best[kernel] / 1e9, kernel
+
+
+def alternate(fns: dict[str, Callable[[], object]], rounds: int, probe: PeakProbe | None = None
+              ) -> dict[str, list[float]]:
+    """Wall times of each callable, run in turn once per round after one warm-up call each (and the probe).
+
+    The order rotates from round to round: whoever runs first after the probe's large matmul finds cold caches,
+    which cost a tiny model 2x, so no contender may always be first."""
     for fn in fns.values():
         fn()
+    names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for r in range(rounds):
+        if probe is not None:
+            probe()
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
 
 
-def matmul_peak(n: int = 2048, rounds: int = 5) -> tuple[float, str]:
-    """Best fp32 GFLOP/s of an n^3 matmul on this machine now, over MKL sgemm (F.linear) and oneDNN."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    fns = {"sgemm": lambda: F.linear(a, b)}
-    if backends.onednn_available():
-        fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    with torch.inference_mode():
-        times = alternate(fns, rounds)
-    best = {k: 2 * n**3 / min(v) / 1e9 for k, v in times.items()}
-    kernel = max(best, key=best.get)
-    return best[kernel], kernel
-
-
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call (matmul, conv, attention), counted through PyTorch's default kernels.
-
-    The backends' oneDNN ops are not in the FLOP counter's table, so counting runs with them off (same math)."""
+    """FLOPs (matmul, conv, attention) of one call of fn, which should run models built on the meta device:
+    PyTorch's FLOP counter reads the shapes, nothing is computed, and the meta path is PyTorch's own ops (the
+    oneDNN calls of `wanmoe.backends` are for CPU tensors only), so the count is that of the same math."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     aten = torch.ops.aten
     custom = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v)}
-    with backends.use_mode("default"), torch.inference_mode():
+    with torch.inference_mode():
         counter = FlopCounterMode(display=False, custom_mapping=custom)
         with counter:
             fn()
     return counter.get_total_flops()
 
 
+def dit_flops(cfg, fhw: tuple[int, int, int], text_tokens: int) -> int:
+    """FLOPs of one DiT forward at latent (F, H, W) with `text_tokens` context tokens (counted on meta)."""
+    with torch.device("meta"):
+        model = DiT(cfg)
+        x = torch.empty(1, cfg.in_dim, *fhw)
+        ctx = torch.empty(1, text_tokens, cfg.text_dim)
+    return count_flops(lambda: model(x, torch.full((1,), 500.0, device="meta"), ctx))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def report(name: str, times: dict[str, list[float]], flops: int, peak: float, ours: str, theirs: str) -> float:
+def report(name: str, times: dict[str, list[float]], flops: int, probe: PeakProbe, ours: str, theirs: str) -> float:
     """Print one line per contender (median ms, GFLOP/s, % of peak) and the ratio; return theirs / ours."""
+    peak, kernel = probe.peak()
+    print(f"  {name} fp32 matmul peak during these rounds: {peak:.1f} GFLOP/s ({kernel}, 2048^3)")
     for who, ts in times.items():
         med = statistics.median(ts)
         gf = flops / med / 1e9
@@ -159,7 +191,7 @@ def random_dit(cfg, seed: int = 0) -> DiT:
     return model
 
 
-def bench(name: str, rounds: int, peak: float) -> float:
+def bench(name: str, rounds: int) -> float:
     over, fhw, s = CONFIGS[name]
     cfg = replace(DIT_PRESETS["t2v-a14b"], **over, text_len=s)
     ours = random_dit(cfg)
@@ -181,12 +213,15 @@ def bench(name: str, rounds: int, peak: float) -> float:
 
     with torch.inference_mode():
         err = rel_err(run_ours(), run_theirs())
-        flops = count_flops(run_ours)
-        times = alternate({"wanmoe": run_ours, "wanmoe[default kernels]": run_plain, "diffusers": run_theirs}, rounds)
+    flops = dit_flops(cfg, fhw, s)
+    with torch.inference_mode():
+        probe = PeakProbe()
+        times = alternate({"wanmoe": run_ours, "wanmoe[default kernels]": run_plain, "diffusers": run_theirs}, rounds,
+                          probe)
     tokens = fhw[0] * fhw[1] * fhw[2] // 4
     print(f"{name}: dim {cfg.dim}, {cfg.num_layers} layers, {tokens} tokens, {s} text tokens; "
           f"{flops / 1e9:.2f} GFLOP per forward; output rel. diff vs diffusers {err:.1e}")
-    return report(name, times, flops, peak, "wanmoe", "diffusers")
+    return report(name, times, flops, probe, "wanmoe", "diffusers")
 
 
 def main() -> None:
@@ -197,11 +232,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak, kernel = matmul_peak()
-    print(f"threads {torch.get_num_threads()}; fp32 matmul peak {peak:.1f} GFLOP/s ({kernel}, 2048^3); "
-          f"linear kernel chosen: small {backends.linear_choice(1)}, large {backends.linear_choice(1 << 30)}")
-    bench("tiny", args.rounds, peak)
-    ratio = bench("medium", args.rounds, peak)
+    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; wanmoe's linear kernel: "
+          f"small products {backends.linear_choice(1)}, large {backends.linear_choice(1 << 30)}")
+    bench("tiny", args.rounds)
+    ratio = bench("medium", args.rounds)
     print(f"speed_ratio={ratio:.3f}")
 
 

@@ -10,7 +10,7 @@ one) and guidance scales (4.0 high, 3.0 low). Our side is assembled from the sta
 (`wanmoe.sampling` solver and guidance, `wanmoe.experts.route`, the models), not from `wanmoe.pipeline`. Each side's
 stages are timed (sample = the denoising loop, decode = latent -> video), the two runs alternate for --rounds
 rounds and the medians are reported with the video difference between the two and GFLOP/s against this machine's
-fp32 matmul peak measured in the same run.
+fp32 matmul peak, sampled in every round.
 
 The last line is ``e2e_ratio=<diffusers total / our total>`` for the tiny configuration.
 """
@@ -18,13 +18,14 @@ The last line is ``e2e_ratio=<diffusers total / our total>`` for the tiny config
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import dataclass, replace
 
 import torch
-from dit_speed import count_flops, matmul_peak, random_dit, rel_err, to_diffusers_dit
-from vae_speed import diffusers_decode, random_vae, to_diffusers_vae
+from dit_speed import PeakProbe, dit_flops, random_dit, rel_err, to_diffusers_dit
+from vae_speed import decode_flops, diffusers_decode, random_vae, to_diffusers_vae
 
 from wanmoe.experts import ExpertSpec, route
 from wanmoe.models.dit import DIT_PRESETS
@@ -47,9 +48,9 @@ CASES = {
     # STYLE.md's tiny preset: 2 layers, 2 heads, width 64, 16x16 latents, 9 frames; VAE 12x narrower than official.
     "tiny": Case(dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
                  VAE_TINY, 9, 128),
-    # Medium: dim 512, 8 layers over 5x8x8 = 320 tokens; the shipped small VAE's architecture at 128x128.
+    # Medium: dim 512, 8 layers over 3x8x8 = 192 tokens; the shipped small VAE's architecture, 128x128.
     "medium": Case(dict(dim=512, ffn_dim=1536, num_heads=4, num_layers=8, text_len=64),
-                   VAEConfig(dim=16, num_res_blocks=1, mean=(0.0,) * 16, std=(1.0,) * 16), 17, 128),
+                   VAEConfig(dim=16, num_res_blocks=1, mean=(0.0,) * 16, std=(1.0,) * 16), 9, 128),
 }
 
 
@@ -101,19 +102,22 @@ def build(name: str, steps: int):
 
     plan = route({n: None for n in spec.names}, spec, sigmas).plan
     split = {n: sum(1 for w in plan if n in w) for n in spec.names}
-    return dcfg, case, split, run_ours, run_theirs
+    # Both CFG passes of every step, plus the decode.
+    flops = 2 * steps * dit_flops(dcfg, lat[2:], dcfg.text_len) + decode_flops(case.vae, lat)
+    return dcfg, case, split, flops, run_ours, run_theirs
 
 
-def bench(name: str, rounds: int, steps: int, peak: float) -> float:
-    dcfg, case, split, run_ours, run_theirs = build(name, steps)
+def bench(name: str, rounds: int, steps: int) -> float:
+    dcfg, case, split, flops, run_ours, run_theirs = build(name, steps)
     with torch.inference_mode():
         v_ours, _ = run_ours()  # warm-up, and the videos to compare
         v_theirs, _ = run_theirs()
         err = rel_err(v_ours, v_theirs)
-        flops = count_flops(run_ours)
         times: dict[str, dict[str, list[float]]] = {"wanmoe": {}, "diffusers": {}}
-        for _ in range(rounds):  # alternate
-            for who, fn in (("wanmoe", run_ours), ("diffusers", run_theirs)):
+        probe = PeakProbe()
+        for r in range(rounds):  # alternate, and swap who goes first each round
+            probe()
+            for who, fn in (("wanmoe", run_ours), ("diffusers", run_theirs))[:: 1 if r % 2 == 0 else -1]:
                 for stage, sec in fn()[1].items():
                     times[who].setdefault(stage, []).append(sec)
     tokens = (1 + (case.frames - 1) // 4) * (case.size // 16) ** 2  # latent frames x (H/2) x (W/2) patches
@@ -121,6 +125,8 @@ def bench(name: str, rounds: int, steps: int, peak: float) -> float:
           f"{case.vae.dim}; {case.frames} frames of {case.size}x{case.size}; {steps} Euler steps with CFG "
           f"(steps per expert {split}); {flops / 1e9:.2f} GFLOP per run; video rel. diff vs diffusers {err:.1e}")
     med = {who: {s: statistics.median(v) for s, v in st.items()} for who, st in times.items()}
+    peak, kernel = probe.peak()
+    print(f"  {name} fp32 matmul peak during these rounds: {peak:.1f} GFLOP/s ({kernel}, 2048^3)")
     for who, st in med.items():
         total = sum(st.values())
         gf = flops / total / 1e9
@@ -146,12 +152,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak, kernel = matmul_peak()
-    print(f"threads {torch.get_num_threads()}; fp32 matmul peak {peak:.1f} GFLOP/s ({kernel}, 2048^3)")
+    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     ratios = {}
     for name in ("medium", "tiny"):  # tiny last: its ratio is the last line
         if args.only in (None, name):
-            ratios[name] = bench(name, args.rounds, args.steps, peak)
+            ratios[name] = bench(name, args.rounds, args.steps)
     for name, r in ratios.items():
         print(f"e2e_ratio_{name}={r:.3f}")
     if "tiny" in ratios:

@@ -25,7 +25,7 @@ choice depends on the shape, and timing each new shape would cost more than the 
 linear. ``nn.Linear`` runs MKL's sgemm on CPU; oneDNN's ``mkldnn::_linear_pointwise`` computes the same product
 (within float rounding). On the project's 2-core machine, products above ~1 MFLOP with two threads ran as fast in
 both on a quiet machine (sgemm time / oneDNN time 0.95-1.05) and 2.5-3x faster in oneDNN while other processes
-loaded the cores (sgemm loses its second thread then); with one thread they tie, and on small products oneDNN's
+loaded the cores (sgemm slowed down far more than oneDNN); with one thread they tie, and on small products oneDNN's
 fixed cost per call loses (0.6). So: small products and single-threaded runs take sgemm (a rule from those
 measurements), and multi-threaded products above SMALL_FLOPS take oneDNN unless a measurement on first use (per
 thread count; both kernels timed alternately, best of several rounds) finds sgemm more than 25 % faster, and
