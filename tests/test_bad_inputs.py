@@ -56,7 +56,8 @@ def bad_media(media_dir, tmp_path_factory):
     for name in ("ref.png", "speech.wav", "silent.wav", "empty.wav", "corrupt.wav", "corrupt.png"):
         shutil.copy(media_dir / name, d / name)
     media.save_png(d / "tiny.png", torch.zeros(3, 8, 8))
-    _png_header_only(d / "bomb.png", 60000, 60000)
+    _png_header_only(d / "bomb.png", 60000, 60000)  # past Pillow's own bomb limit
+    _png_header_only(d / "big.png", 9000, 9000)  # under Pillow's limit, over ours
     (d / "text.png").write_text("hello")
     _float_wav(d / "loud.wav", speech_like(1.0) * 1000)
     nan = speech_like(1.0)
@@ -135,7 +136,8 @@ CASES = [
     ([*S2V, "--image", "{media}/corrupt.png"], ["--image", "corrupt.png"]),
     ([*S2V, "--image", "{media}/text.png"], ["--image", "text.png"]),
     ([*S2V, "--image", "{media}/tiny.png"], ["--image", "8x8", "at least 32x32"]),
-    ([*S2V, "--image", "{media}/bomb.png"], ["--image", "60000x60000", "at most"]),
+    ([*S2V, "--image", "{media}/bomb.png"], ["--image", "bomb.png", "too large", "at most"]),
+    ([*S2V, "--image", "{media}/big.png"], ["--image", "9000x9000", "at most 67 MP"]),
     # checkpoints
     (["--task", "t2v-tiny", "--ckpt_dir", "{media}/absent"], ["--ckpt_dir", "is not a folder"]),
     (["--task", "t2v-A14B", "--size", "832*480"], ["--ckpt_dir", "is needed"]),

@@ -80,18 +80,17 @@ def load_image(image: object) -> Tensor:
         p = Path(image)
         if not p.is_file():
             raise InputError("image", f"file not found: {str(p)!r}")
-        old = Image.MAX_IMAGE_PIXELS
         try:
-            Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked from the header before decoding
-            with Image.open(p) as im:
+            with Image.open(p) as im:  # reads the header only: the size is checked before anything is decoded
                 _check_image_size(*im.size, where=repr(str(p)))
                 return _pil_to_tensor(im)
+        except Image.DecompressionBombError as e:  # Pillow's own header check, far above MAX_PIXELS
+            raise InputError("image", f"{str(p)!r} is too large ({e}); at most {MAX_PIXELS / 1e6:.0f} MP are "
+                                      "accepted") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             if isinstance(e, InputError):
                 raise
             raise InputError("image", f"cannot read {str(p)!r} as an image: {e}") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
     if type(image).__module__.startswith("PIL."):
         _check_image_size(*image.size, where="the PIL image")
         return _pil_to_tensor(image)
