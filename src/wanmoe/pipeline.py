@@ -92,7 +92,6 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     expert_steps: dict[str, int] = field(default_factory=dict)
     expert_calls: dict[str, int] = field(default_factory=dict)  # transformer evaluations run (fewer with caching)
-    audio_offset_s: float = 0.0  # S2V: the first clip drops frames, so the video starts this far into the audio
 
 
 @dataclass
@@ -444,8 +443,7 @@ def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressF
     if hasattr(c.experts, "offload_all") and not c.parallel.dit_fsdp:  # FSDP-sharded experts stay where they are
         c.experts.offload_all()
     timings.update(sample_s=t_s, decode_s=t_d, clips=n, generate_s=time.perf_counter() - t0)
-    offset = c.cfg.dropped_frames(req.start_from_ref) / c.cfg.sample_fps
     calls = counts if req.cache is None or recorder is not None else \
         {n: stats.computed.get(n, 0) for n in counts}
     return Result(video=torch.cat(out, dim=1).float(), fps=c.cfg.sample_fps, timings=timings, expert_steps=counts,
-                  expert_calls=calls, audio_offset_s=offset if c.cfg.modality == "s2v" else 0.0)
+                  expert_calls=calls)
