@@ -27,7 +27,7 @@ from wanmoe.distributed.env import ParallelState
 from wanmoe.inputs import Inputs, read_inputs
 from wanmoe.pipeline import Components, PreviewFn, ProgressFn, generate
 from wanmoe.request import InputError, LoadOptions, Request, make_options, make_request
-from wanmoe.sampling.cache import CALIBRATION_FILE, Recorder
+from wanmoe.sampling.cache import Recorder
 from wanmoe.version import __version__
 
 
@@ -132,9 +132,6 @@ class Pipeline:
             preview: PreviewFn | None = None, save: str | os.PathLike | None = None,
             keep_frames: bool = True) -> Video:
         """Generate from an already validated request and inputs (what `__call__` and the CLI use)."""
-        if req.cache is not None and self.components.cache_calibration is None:
-            raise InputError("cache", f"needs a step-cache calibration for this model ({CALIBRATION_FILE} in its "
-                                      "folder); make one with Pipeline.calibrate_cache")
         audio = None
         if inputs.audio is not None:
             # The official mux starts the audio at 0 although the first clip dropped frames; the audio here starts

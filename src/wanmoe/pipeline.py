@@ -32,7 +32,7 @@ from wanmoe.models.s2v import S2VInputs
 from wanmoe.models.vae import WanVAE
 from wanmoe.request import InputError, Request
 from wanmoe.sampling import guidance, solvers
-from wanmoe.sampling.cache import CacheStats, Calibration, Recorder, StepCache
+from wanmoe.sampling.cache import CALIBRATION_FILE, CacheStats, Calibration, Recorder, StepCache
 from wanmoe.sampling.schedules import flow_sigmas, log_snr_float, timesteps
 
 log = logging.getLogger(__name__)
@@ -195,10 +195,7 @@ def sample_clip(c: Components, req: Request, cond: Conditioning, seed: int,
     if recorder is not None:  # calibration: every evaluation's magnitude, uncached
         recorder.start_run()
         router.denoisers = {n: recorder.wrap(n, d) for n, d in router.denoisers.items()}
-    elif req.cache is not None:
-        if c.cache_calibration is None:
-            raise InputError("cache", "needs the model's step-cache calibration (step_cache.json); make one with "
-                                      "Pipeline.calibrate_cache")
+    elif req.cache is not None:  # generate() checked that the model has a calibration
         lams = [log_snr_float(s) for s in sigmas.tolist()]
         sc = StepCache(c.cache_calibration, router.plan, lams, req.cache, req.cache_max_skips,
                        step=lambda: router.step - 1, stats=stats)
@@ -403,6 +400,9 @@ def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressF
     streams them to the file); with `keep_frames=False` they are not also collected, so memory stays flat however
     long the audio is and `Result.video` holds no frames. `recorder` (step-cache calibration) sees every
     transformer evaluation, with caching off."""
+    if req.cache is not None and recorder is None and c.cache_calibration is None:  # refused before any work
+        raise InputError("cache", f"needs a step-cache calibration for this model ({CALIBRATION_FILE} in its "
+                                  "folder); make one with Pipeline.calibrate_cache")
     say = progress or (lambda p: None)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
