@@ -171,7 +171,10 @@ def sample_clip(c: Components, req: Request, cond: Conditioning, seed: int,
     sigmas = flow_sigmas(req.steps, req.shift, solver=req.solver, spacing=req.noise_schedule)
     names = req.experts.names
     audio_guided = cond.no_audio is not None and req.motion_scale != 1.0
-    if req.batch_cfg and c.parallel.cfg_size != 2:
+    # Under the 'stream' policy every transformer call copies each block to the device: batching the guidance
+    # passes makes that once per step instead of two or three times.
+    batched = req.batch_cfg or getattr(c.experts, "policy", None) == "stream"
+    if batched and c.parallel.cfg_size != 2:
         motion = req.motion_scale if audio_guided else None
         den = {n: _batched_guidance(c, n, cond, req.guide_scale[n], motion) for n in names}
     else:

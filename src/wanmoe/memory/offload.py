@@ -9,11 +9,14 @@ each time an expert is asked for, what happens to the idle ones:
   `--offload_model True`: `_prepare_model_for_timestep` moves the unneeded expert to the CPU first, then
   the needed one to the GPU, so at most one expert is on the GPU at a time);
 - 'free'    : the idle expert is dropped and reloaded lazily from disk on its next use (lowest host and
-  device memory; on a CPU-only machine this is the policy that keeps the process at one expert).
+  device memory; on a CPU-only machine this is the policy that keeps the process at one expert);
+- 'stream'  : the active expert's non-block parts are on the device and its transformer blocks stream from host
+  memory, at most `stream_ahead` (K) blocks on the device at once (`wanmoe.memory.stream`); the idle expert is
+  un-streamed and kept in host memory, as under 'offload'. Device memory: the small parts + K blocks.
 
 `prefetch(name)` runs the loader in a background thread (disk -> host memory, pinned on CUDA) while the
 current expert computes; on CUDA, `prefetch(name, to_device=True)` also starts the host->device copy on a
-side stream (only sensible when the device has room for both experts).
+side stream (only sensible when the device has room for both experts; ignored under 'stream').
 
 `transform(name, module) -> module`, when set, runs on every expert right after its loader (each reload under
 'free' included): what must survive a reload, such as LoRAs (`wanmoe.lora.LoraStack`), is applied there.
@@ -34,13 +37,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wanmoe.memory.stream import BlockStream, ResidentBytes, stream_
 from wanmoe.numerics import cast_
 
 __all__ = ["POLICIES", "ExpertPool", "OffloadFlags", "policy_from_flags", "with_dtype", "apply_precision"]
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("resident", "offload", "free")
+POLICIES = ("resident", "offload", "free", "stream")
 Loader = Callable[[], nn.Module]
 
 
@@ -121,14 +125,18 @@ class ExpertPool:
 
     get(name) returns the expert on the compute device after applying the policy to the others;
     prefetch(name) starts loading it in the background; release() drops everything.
+    Under 'stream', `stream_ahead` is K (blocks on the device at once) and `stream_bytes` counts the block copies.
     """
 
     def __init__(self, loaders: Mapping[str, Loader], device: str | torch.device = "cpu",
-                 policy: str = "offload", *, pin_memory: bool | None = None) -> None:
+                 policy: str = "offload", *, pin_memory: bool | None = None, stream_ahead: int = 2) -> None:
         if not loaders:
             raise ValueError("ExpertPool needs at least one loader")
         if policy not in POLICIES:
             raise ValueError(f"unknown residency policy {policy!r}; choose one of {POLICIES}")
+        if not isinstance(stream_ahead, int) or isinstance(stream_ahead, bool) or stream_ahead < 1:
+            raise ValueError(f"stream_ahead must be an integer >= 1 (blocks on the device at once), "
+                             f"got {stream_ahead!r}")
         self.loaders = dict(loaders)
         self.device = torch.device(device)
         self.policy = policy
@@ -141,6 +149,9 @@ class ExpertPool:
         self._lock = threading.Lock()
         self.loads = {name: 0 for name in self.loaders}  # how often each loader ran (for tests and logs)
         self.transform: Callable[[str, nn.Module], nn.Module] | None = None  # applied after every load
+        self.stream_ahead = stream_ahead
+        self.stream_bytes = ResidentBytes()  # block copies of every streamed expert (policy 'stream')
+        self._streams: dict[str, BlockStream] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -162,6 +173,12 @@ class ExpertPool:
         self._check(name)
         self._evict_others(name)
         m = self._take(name)
+        if self.policy == "stream":
+            if name not in self._streams:
+                self._streams[name] = stream_(m, self.device, ahead=self.stream_ahead, tracker=self.stream_bytes,
+                                              pin=self.pin_memory)
+            self._modules[name] = m
+            return m
         if name in self._events:
             # The side-stream copy of a to_device prefetch must finish before compute reads the weights.
             torch.cuda.current_stream(self.device).wait_event(self._events.pop(name))
@@ -190,6 +207,7 @@ class ExpertPool:
             if fut is not None:
                 fut.result()  # finish the background load before dropping it: never leave a thread writing
             self._events.pop(n, None)
+            self._unstream(n)
             self._modules.pop(n, None)
         gc.collect()
         if self.device.type == "cuda":
@@ -200,7 +218,8 @@ class ExpertPool:
         if self.policy == "free":
             self.release()
             return
-        for m in self._modules.values():
+        for n, m in self._modules.items():
+            self._unstream(n)
             m.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -235,7 +254,7 @@ class ExpertPool:
         m.eval().requires_grad_(False)
         if self.pin_memory and _module_device(m) == torch.device("cpu"):
             _pin(m)
-        if to_device and self.device.type == "cuda":
+        if to_device and self.device.type == "cuda" and self.policy != "stream":
             stream = torch.cuda.Stream(self.device)
             with torch.cuda.stream(stream):
                 m.to(self.device, non_blocking=True)
@@ -259,7 +278,8 @@ class ExpertPool:
             return
         dropped = False
         for n in [n for n in self._modules if n != keep]:
-            if self.policy == "offload":
+            if self.policy in ("offload", "stream"):
+                self._unstream(n)
                 self._modules[n].to("cpu")
             else:  # free: the loader can rebuild it from disk
                 del self._modules[n]
@@ -270,3 +290,9 @@ class ExpertPool:
             gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _unstream(self, name: str) -> None:
+        """Undo the streaming of `name` (hooks and device copies go; its blocks keep their host tensors)."""
+        handle = self._streams.pop(name, None)
+        if handle is not None:
+            handle.remove()
