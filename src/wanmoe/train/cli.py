@@ -6,6 +6,7 @@
     wanmoe train expert  --out runs/mini --expert high    # one noise expert (or `low`, or `dense` baseline)
     wanmoe train export  --out runs/mini --dest DIR       # write the model in the layout generate.py loads
     wanmoe train lora    --out runs/lora --expert high    # a style LoRA on one expert of the shipped model
+    wanmoe train distill --out runs/distill --steps_fast 2  # step-distillation LoRAs, one per expert
 
 `--smoke` shrinks every stage to seconds (CI).
 """
@@ -66,7 +67,7 @@ def build_latents(cfg: PipelineConfig, clips: ClipSet, vae, text_encoder, *, pro
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wanmoe train", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("stage", choices=["clips", "vae", "latents", "expert", "export", "lora"])
+    p.add_argument("stage", choices=["clips", "vae", "latents", "expert", "export", "lora", "distill"])
     p.add_argument("--task", default="s2v-mini", choices=[k for k, v in PRESETS.items() if v.text_encoder == "byte"])
     p.add_argument("--out", type=Path, default=Path("runs/mini"))
     p.add_argument("--n", type=int, default=None, help="clips: how many training clips (default 240; lora: 48)")
@@ -93,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attribute", default="green", help="lora: the face colour the LoRA paints every face in")
     p.add_argument("--rank", type=int, default=8, help="lora: rank of each adapted Linear")
     p.add_argument("--eval_n", type=int, default=6, help="lora: held-out avatars measured after training (0: none)")
+    p.add_argument("--steps_fast", type=int, default=2, help="distill: the student's steps (a divisor of 20)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CI)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    a.n = a.n if a.n is not None else 48 if a.stage == "lora" else 240
+    a.n = a.n if a.n is not None else {"lora": 48, "distill": 96}.get(a.stage, 240)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
     cfg = PRESETS[a.task]
@@ -152,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                    start=a.start, steps=a.steps or (3 if a.smoke else 600), rank=a.rank, lr=a.lr or 2e-3,
                    batch=a.batch, eval_n=0 if a.smoke else a.eval_n, max_minutes=a.max_minutes, smoke=a.smoke,
                    progress=progress)
+    elif a.stage == "distill":
+        from wanmoe.train.distill import distill_stage
+
+        distill_stage(cfg, a.out, steps_fast=a.steps_fast, n=2 if a.smoke else a.n, start=a.start,
+                      steps=a.steps or (2 if a.smoke else 1200), rank=a.rank, lr=a.lr or 1e-3, batch=a.batch,
+                      eval_n=0 if a.smoke else a.eval_n, max_minutes=a.max_minutes, smoke=a.smoke,
+                      progress=progress)
     elif a.stage == "export":
         export(cfg, a.out, a.dest or a.out / "export")
     return 0
