@@ -93,6 +93,7 @@ class Pipeline:
 
     def __init__(self, cfg: PipelineConfig, components: Components, options: LoadOptions) -> None:
         self.cfg, self.components, self.options = cfg, components, options
+        self._plans: dict = {}  # planner traces, reused by check_budget across calls
 
     @property
     def task(self) -> str:
@@ -132,6 +133,7 @@ class Pipeline:
             preview: PreviewFn | None = None, save: str | os.PathLike | None = None,
             keep_frames: bool = True) -> Video:
         """Generate from an already validated request and inputs (what `__call__` and the CLI use)."""
+        check_budget(self.cfg, req, self.options, self._plans)
         audio = None
         if inputs.audio is not None:
             # The official mux starts the audio at 0 although the first clip dropped frames; the audio here starts
@@ -210,6 +212,29 @@ class Pipeline:
         return data
 
 
+def check_budget(cfg: PipelineConfig, req: Request, opts: LoadOptions, cache: dict | None = None) -> None:
+    """With a vram_gb budget: a request at another size, frame count or number of guidance passes than the policy
+    was planned for is planned again under that policy; InputError('vram_gb') if it would not fit."""
+    if opts.vram_gb is None or opts.policy is None:
+        return
+    from wanmoe.memory.plan import GB
+    from wanmoe.memory.plan_policy import residency
+    from wanmoe.request import plan_passes
+
+    frames = req.infer_frames if cfg.modality == "s2v" else req.frame_num
+    passes = plan_passes(cfg, req)
+    if (req.size_str, frames, passes) == (opts.plan_size, opts.plan_frames, opts.plan_passes):
+        return
+    from wanmoe.memory.plan import plan_memory
+
+    p = plan_memory(cfg, req.size_str, residency(opts.policy, t5_cpu=opts.t5_cpu, passes=passes), frames=frames,
+                    cache=cache)
+    if p.peak > opts.vram_gb * GB:
+        raise InputError("vram_gb", f"{opts.vram_gb:g} GB was planned for {opts.plan_size}, {opts.plan_frames} frames "
+                                    f"({opts.policy}); {req.size_str}, {frames} frames needs {p.peak / GB:.1f} GB "
+                                    f"under {opts.policy}: load with plan_size={req.size_str!r}")
+
+
 def resolve(model: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None,
             task: str | None = None) -> tuple[PipelineConfig, str | None]:
     """A task name (`s2v-mini`, `t2v-A14B`) or a checkpoint folder -> (task config, checkpoint folder or None)."""
@@ -234,20 +259,29 @@ def load(
     int8: bool = False,
     t5_cpu: bool = False,
     compile: bool = False,
+    vram_gb: float | None = None,
+    plan_size: str | tuple[int, int] | None = None,
     parallel: ParallelState | None = None,
     **parallel_flags: object,
 ) -> Pipeline:
     """Load a task's models once. `model` is a task name or a checkpoint folder (the task is then detected from it;
-    `task=` names it when the folder is ambiguous). Options are checked before anything loads."""
+    `task=` names it when the folder is ambiguous). Options are checked before anything loads.
+
+    vram_gb (CUDA): run the fastest residency policy the planner predicts to fit this many GB, planned at
+    `plan_size` (default: the task's default size) and the task's frames; a call whose size or frames need more
+    raises InputError('vram_gb') before any work. docs/performance.md, "Planning and --vram_gb"."""
     cfg, root = resolve(model, ckpt_dir, task)
     if task is not None and ckpt_dir is None and Path(str(model)).is_dir():
         root = str(model)
     parallel = parallel or ParallelState()
+    plan_for = None
+    if vram_gb is not None and plan_size is not None:
+        plan_for = make_request(cfg, size=plan_size, seed=0)
     opts = make_options(cfg, ckpt_dir=root, device=device, offload_model=offload_model,
                         convert_model_dtype=convert_model_dtype, int8=int8, t5_cpu=t5_cpu, compile=compile,
-                        world=parallel.world,
+                        world=parallel.world, vram_gb=vram_gb, plan_for=plan_for,
                         **parallel_flags)  # type: ignore[arg-type]
     return Pipeline(cfg, loading.load_components(cfg, opts, parallel), opts)
 
 
-__all__ = ["load", "resolve", "Pipeline", "Video", "InputError", "Request", "LoadOptions"]
+__all__ = ["load", "resolve", "check_budget", "Pipeline", "Video", "InputError", "Request", "LoadOptions"]

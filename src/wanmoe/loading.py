@@ -23,6 +23,7 @@ from wanmoe import numerics
 from wanmoe.configs import ASSETS, PRESETS, PipelineConfig
 from wanmoe.distributed.env import ParallelState
 from wanmoe.memory.offload import ExpertPool, policy_from_flags
+from wanmoe.memory.plan_policy import STREAM_AHEAD
 from wanmoe.models.dit import DiTConfig
 from wanmoe.models.vae import VAEConfig, WanVAE
 from wanmoe.pipeline import Components
@@ -141,9 +142,10 @@ def load_audio_encoder(cfg: PipelineConfig, root: Path):
 
 
 def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None, int8: bool, cfg=None,  # noqa: ANN001
-                  compile: bool = False):
+                  compile: bool = False, frugal: bool = False):
     """Zero-argument loader for the residency manager: meta build + memory-mapped safetensors, optional int8, optional
-    torch.compile (the module compiles on its first forward; a reloaded expert compiles again)."""
+    token chunks (`frugal`), optional torch.compile (the module compiles on its first forward; a reloaded expert
+    compiles again)."""
 
     def load() -> torch.nn.Module:
         model = ck.load_dit(folder, dtype=dtype, device="cpu", cfg=cfg).eval()
@@ -151,12 +153,41 @@ def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None,
             from wanmoe.memory.quantize import quantize_
 
             quantize_(model, "int8")
+        if frugal:
+            enable_frugal(dit=model)
         model = model.to(device)
         if compile:
             model.compile(dynamic=False)
         return model
 
     return load
+
+
+def enable_frugal(dit: torch.nn.Module | None = None, vae: WanVAE | None = None) -> None:
+    """Switch on the memory knobs: the DiT's token chunks and the VAE's spatial tiles (the planner assumes them)."""
+    # wired to the knobs of models/dit.py and models/vae.py once they land
+    return None
+
+
+class VisitingEncoder:
+    """umT5 kept in host memory that visits `device` for each call (official --offload_model behaviour)."""
+
+    def __init__(self, encoder, device: torch.device) -> None:  # noqa: ANN001 (a T5TextEncoder)
+        self.encoder, self.device = encoder, device
+        encoder.device = device  # token ids go to the device; the weights follow them there for the call
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.encoder.model
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        self.encoder.model.to(self.device)
+        try:
+            return self.encoder(prompts)
+        finally:
+            self.encoder.model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def parallel_loader(load, state: ParallelState):  # noqa: ANN001, ANN201 (Loader -> Loader)
@@ -236,30 +267,45 @@ def load_components(cfg: PipelineConfig, opts: LoadOptions, parallel: ParallelSt
     # One numerics policy (wanmoe.numerics): storage dtype of the weights and compute dtype per device.
     compute = numerics.compute_dtype(device, opts.convert_model_dtype)
     weights = numerics.weight_dtype(device, opts.convert_model_dtype)
-    loaders = {n: expert_loader(f, device, weights, opts.int8, cfg.dit if small else None, opts.compile)
+    # The residency policy: chosen by vram_gb (request.plan_options) or official offload_model; "stream+int8" is the
+    # pool's "stream" with int8 experts (opts.int8 says so). Streamed experts load into host memory: the pool
+    # moves their non-block parts and streams their blocks.
+    policy = (opts.policy or policy_from_flags(opts.offload_model)).split("+")[0]
+    # The memory knobs (DiT token chunks, VAE tiles) the planner assumes for every policy on CUDA.
+    frugal = device.type == "cuda" or policy == "stream"
+    home = torch.device("cpu") if policy == "stream" else device
+    loaders = {n: expert_loader(f, home, weights, opts.int8, cfg.dit if small else None, opts.compile, frugal)
                for n, f in folders.items()}
-    policy = policy_from_flags(opts.offload_model)
     if parallel.world > 1:
         loaders = {n: parallel_loader(f, parallel) for n, f in loaders.items()}
         if parallel.dit_fsdp and policy != "resident":
             # Moving or dropping a sharded expert would break its FSDP state: FSDP experts stay resident.
             log.info("dit_fsdp: experts stay resident (offload_model ignored)")
             policy = "resident"
-    pool = ExpertPool(loaders, device, policy)
+    pool = ExpertPool(loaders, device, policy, stream_ahead=STREAM_AHEAD)
     if parallel.dit_fsdp:
         # Shard every expert now, on the main thread and in the same order on every rank (a prefetch thread
         # would run the loaders at rank-dependent times).
         for n in pool.names:
             pool.get(n)
-    text = load_text_encoder(cfg, root, device, opts.t5_cpu)
+    # umT5 visits the device only while it encodes unless every model stays resident (official --offload_model:
+    # `text_encoder.model.cpu()` after encoding); the planner assumes it is gone during sampling.
+    visiting = (device.type == "cuda" and not opts.t5_cpu and policy != "resident" and not parallel.t5_fsdp
+                and cfg.text_encoder == "umt5-xxl")
+    text = load_text_encoder(cfg, root, torch.device("cpu") if visiting else device, opts.t5_cpu)
+    if visiting:
+        text = VisitingEncoder(text, device)
     if parallel.t5_fsdp:
         from wanmoe.distributed.fsdp import apply_fsdp
 
         # The official wrapper shards the umT5 inside it; the byte-level encoder is itself the module.
         apply_fsdp(getattr(text, "model", text), parallel)
     cal_file = root / CALIBRATION_FILE
+    vae = load_vae_for(cfg, root, device)
+    if frugal:
+        enable_frugal(vae=vae)
     return Components(
-        cfg=cfg, text_encoder=text, vae=load_vae_for(cfg, root, device), experts=pool,
+        cfg=cfg, text_encoder=text, vae=vae, experts=pool,
         audio_encoder=load_audio_encoder(cfg, root), device=device, dtype=compute, parallel=parallel,
         cache_calibration=Calibration.load(cal_file) if cal_file.is_file() else None,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 import sys
@@ -24,6 +25,8 @@ from wanmoe.configs import PipelineConfig
 from wanmoe.distributed.env import validate_parallel_flags
 from wanmoe.sampling.guidance import per_expert_scale
 from wanmoe.sampling.schedules import SOLVERS, SPACINGS
+
+log = logging.getLogger(__name__)
 
 MAX_SIDE = 4096  # pixels; beyond this no preset or GPU of today is meant to go
 MAX_SEED = 2**63 - 1
@@ -88,6 +91,11 @@ class LoadOptions:
     cfg_parallel: bool = False
     dit_fsdp: bool = False
     t5_fsdp: bool = False
+    vram_gb: float | None = None  # GPU memory budget the residency policy was planned for (None: not planned)
+    policy: str | None = None  # residency policy chosen for vram_gb (wanmoe.memory.plan_policy); None: offload_model
+    plan_size: str | None = None  # the size, frames and guidance passes the policy was planned at
+    plan_frames: int | None = None
+    plan_passes: int = 2
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -287,8 +295,15 @@ def make_options(
     dit_fsdp: bool = False,
     t5_fsdp: bool = False,
     world: int = 1,
+    vram_gb: float | None = None,
+    plan_for: Request | None = None,
 ) -> LoadOptions:
-    """Load options, validated against the task and the number of processes (`world`, from torchrun)."""
+    """Load options, validated against the task and the number of processes (`world`, from torchrun).
+
+    vram_gb: choose the fastest residency policy whose predicted peak fits this many GB (CUDA only, one process),
+    planned for `plan_for` (a request: size, frames, guidance passes) or else the task's default size and frames;
+    raises InputError('vram_gb', ...) before anything loads when nothing fits. docs/performance.md.
+    """
     for name, v in (("offload_model", offload_model), ("t5_cpu", t5_cpu), ("int8", int8),
                     ("convert_model_dtype", convert_model_dtype), ("cfg_parallel", cfg_parallel),
                     ("dit_fsdp", dit_fsdp), ("t5_fsdp", t5_fsdp), ("compile", compile)):
@@ -314,10 +329,63 @@ def make_options(
         if not Path(ckpt_dir).is_dir():
             raise InputError("ckpt_dir", f"{ckpt_dir} is not a folder")
         ckpt_dir = str(ckpt_dir)
-    return LoadOptions(
-        ckpt_dir=ckpt_dir, device=check_device(device),
+    dev = check_device(device)
+    opts = LoadOptions(
+        ckpt_dir=ckpt_dir, device=dev,
         # Official default: offload on one process only; FSDP experts must stay resident (loading.py enforces it).
         offload_model=world == 1 if offload_model is None else offload_model,
         t5_cpu=t5_cpu, convert_model_dtype=convert_model_dtype, int8=int8, compile=compile, ulysses_size=ulysses_size,
         cfg_parallel=cfg_parallel, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
     )
+    if vram_gb is None:
+        return opts
+    return plan_options(cfg, opts, vram_gb, offload_model=offload_model, world=world, plan_for=plan_for)
+
+
+def plan_passes(cfg: PipelineConfig, req: Request | None) -> int:
+    """Transformer passes per step (pipeline._batched_guidance): the conditional one, the unconditional one unless
+    every guidance scale is 1, and S2V's audio-free one when motion_scale != 1."""
+    scales = (cfg.guide_scale if req is None else req.guide_scale).values()
+    motion = cfg.motion_scale if req is None else req.motion_scale
+    return 1 + any(s != 1.0 for s in scales) + (cfg.modality == "s2v" and motion != 1.0)
+
+
+def plan_options(cfg: PipelineConfig, opts: LoadOptions, vram_gb: object, *, offload_model: bool | None = None,
+                 world: int = 1, plan_for: Request | None = None) -> LoadOptions:
+    """opts with the residency policy `--vram_gb` chooses (wanmoe.memory.plan_policy), or InputError('vram_gb').
+
+    Planned policies run the DiT in bf16 (convert_model_dtype is set); int8 and t5_cpu follow the policy. An explicit
+    offload_model narrows the choice (False: resident only; True: never resident) and says so when nothing fits.
+    """
+    from wanmoe.memory import plan_policy as pp
+
+    budget = check_float("vram_gb", vram_gb, 0.0, 100_000.0, open_lo=True)
+    if torch.device(opts.device).type != "cuda":
+        raise InputError("vram_gb", f"plans GPU memory and needs a CUDA device; the device here is {opts.device} "
+                                    "(leave it out on the CPU)")
+    if world != 1:
+        raise InputError("vram_gb", "plans one GPU; under torchrun set the memory flags (offload_model, t5_cpu, "
+                                    "int8) yourself")
+    size = plan_for.size_str if plan_for is not None else cfg.default_size
+    if plan_for is None:
+        frames = cfg.infer_frames if cfg.modality == "s2v" else cfg.frame_num
+    else:
+        frames = plan_for.infer_frames if cfg.modality == "s2v" else plan_for.frame_num
+    passes = plan_passes(cfg, plan_for)
+    try:
+        choice = pp.choose_policy(cfg, size, budget, frames=frames, offload_model=offload_model, int8=opts.int8,
+                                  t5_cpu=opts.t5_cpu, passes=passes)
+    except pp.DoesNotFit as e:
+        hint = ""
+        if offload_model is not None:  # the explicit flag narrowed the choice: say which way
+            hint = (f"; offload_model={offload_model} allows only "
+                    f"{', '.join(pp.candidates(offload_model, opts.int8))} (leave it out to let vram_gb choose)")
+        raise InputError("vram_gb", f"{e}{hint}") from None
+    r, p = choice.plan.residency, choice.plan
+    why = " (no bf16 policy fits: weight-only int8 experts)" if choice.int8_fallback else ""
+    log.info("vram_gb %g: residency policy %s%s, predicted peak %.1f GB (phase %s) for %s at "
+                                     "%s, %d frames", budget, choice.policy, why, p.peak / 1e9,
+                                     max(p.phases, key=p.phases.get), cfg.task, size, frames)
+    return dataclasses.replace(opts, vram_gb=budget, policy=choice.policy, offload_model=r.experts != "resident",
+                               int8=r.int8, t5_cpu=r.t5_cpu, convert_model_dtype=True, plan_size=size,
+                               plan_frames=frames, plan_passes=passes)

@@ -1,28 +1,36 @@
-"""`wanmoe plan`: predicted peak GPU memory and weight bytes per task, size and flag set, before any download.
+"""`wanmoe plan`: predicted peak GPU memory per phase, task, size and residency policy, before any download.
 
-Everything is computed on the meta device from the presets: weight bytes are parameter counts times the dtype
-each component runs in; activation peaks come from running the real forward passes (DiT, VAE decode) on meta
-tensors under a dispatch mode that tracks live storage bytes (allocated when an op returns a tensor, released
-when its last tensor dies), so the prediction follows the code, not a formula. Attention is replaced by its
-fused-kernel footprint (output only; flash/SDPA-efficient kernels never materialise the L x L scores).
+Everything is computed on the meta device from the presets: weight bytes are the state-dict bytes of the models
+built as the loader builds them (bf16 cast with the fp32 modules kept, int8 quantized by `quantize_`); activation
+peaks come from running the real forward passes (DiT, VAE encode and decode, umT5) on meta tensors under a
+dispatch mode that tracks live storage bytes (allocated when an op returns a tensor, released when its last
+tensor dies), so the prediction follows the code, not a formula. Attention is replaced by its fused-kernel
+footprint (output only; flash/SDPA-efficient kernels never materialise the L x L scores). The same trace counts
+the forward's FLOPs (`torch.utils.flop_counter` for matmuls and convolutions, attention counted at its 4 L^2 D).
 
-Phases on one GPU, after the official generate.py:
-  encode : text encoder on the GPU unless --t5_cpu (S2V: plus the audio encoder);
-  denoise: one expert (--offload_model, experts swap at the boundary) or all experts, plus one DiT forward;
-  decode : the VAE decode; experts (and the text encoder) stay on the GPU only without --offload_model.
-The VAE is resident throughout (as official). Predictions are tensor bytes (torch.cuda.max_memory_allocated);
-the official table reports the process peak, which adds the CUDA context and allocator slack (~1-3 GB).
+Phases on one GPU, as this engine runs them (pipeline.generate, loading.load_components):
+  text   : the VAE (loaded first, resident throughout) plus umT5 and its forward, unless the text encoder runs on
+           the CPU (t5_cpu, always under the stream policies); the S2V audio encoder always runs on the CPU;
+  vae_encode (i2v): the conditioning clip's VAE encode;
+  denoise:<expert>: the experts on the device (resident: every expert loaded so far; offload: the running one;
+           stream: its non-block weights plus K blocks) plus one DiT forward (batched guidance passes under
+           stream, so each block crosses the bus once per step);
+  decode : the VAE decode, with the last expert still on the device (the pipeline decodes each clip before it
+           offloads the experts); S2V also re-encodes the next clip's motion frames while the clip is held.
+umT5 stays on the device after encoding only under 'resident' (the loader moves it back to the host otherwise).
+Predictions are tensor bytes (torch.cuda.max_memory_allocated); a process peak adds the CUDA context and the
+allocator's cache (~1-3 GB). GB = 1e9 bytes. Policies, the streaming cost and `--vram_gb`: `plan_policy`.
 
 Axis legend: B batch, C channels, F latent frames, H/W latent height/width, L tokens, S text tokens, T frames.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +41,8 @@ from torch.utils._pytree import tree_flatten
 from wanmoe import numerics
 from wanmoe.memory.offload import OffloadFlags
 
-__all__ = ["LiveBytes", "MemoryPlan", "plan_memory", "official_peak_gb", "OFFICIAL_1GPU_GB", "main"]
+__all__ = ["LiveBytes", "Trace", "trace", "activation_peak", "Residency", "MemoryPlan", "plan_memory",
+           "official_peak_gb", "OFFICIAL_1GPU_GB", "FLAG_SETS", "format_rows", "main"]
 
 GB = 1e9
 # Official single-GPU peaks (GB), --offload_model True --convert_model_dtype, H100, as the Wan2.2 project publishes
@@ -59,7 +68,9 @@ class LiveBytes(TorchDispatchMode):
     """Tracks the bytes of live tensor storages created inside the mode; `peak` is the high-water mark.
 
     Storages are keyed by their C++ address (meta tensors have no data pointer) and counted once however many
-    views share them; a weakref finalizer on every returned tensor releases the storage with its last view.
+    views share them; a weakref finalizer on every returned tensor releases the storage with its last view. A
+    storage that an op returns and one of its inputs already holds, without the mode having seen it allocated, was
+    there before (a view of a weight, `linear`'s transpose): it is not counted.
     """
 
     def __init__(self) -> None:
@@ -77,11 +88,17 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
+        inputs = None
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor):
                 st = t.untyped_storage()
                 key = st._cdata
                 if key not in self._refs:
+                    if inputs is None:
+                        inputs = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0]
+                                  if isinstance(a, Tensor)}
+                    if key in inputs:
+                        continue  # a view of (or in-place write to) a storage made before the mode
                     self._refs[key] = 0
                     self._size[key] = st.nbytes()
                     self.live += self._size[key]
@@ -92,11 +109,15 @@ class LiveBytes(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _fused_attention() -> Iterator[None]:
-    """Within planning only: SDPA returns an empty output (its fused-kernel footprint) instead of the math path."""
+def _fused_attention(flops: list[int] | None = None) -> Iterator[None]:
+    """Within planning only: SDPA returns an empty output (its fused-kernel footprint) instead of the math path,
+    and adds its FLOPs to flops[0]: QK^T and PV, 2 per multiply-add (torch.utils.flop_counter's sdpa count)."""
     original = F.scaled_dot_product_attention
 
     def sdpa(q: Tensor, k: Tensor, v: Tensor, *args: object, **kwargs: object) -> Tensor:
+        if flops is not None:
+            *batch, lq, d = q.shape  # (B, N, Lq, D)
+            flops[0] += 2 * math.prod(batch) * lq * k.shape[-2] * (d + v.shape[-1])
         return q.new_empty((*q.shape[:-1], v.shape[-1]))  # (B, N, Lq, D)
 
     F.scaled_dot_product_attention = sdpa
@@ -104,6 +125,27 @@ def _fused_attention() -> Iterator[None]:
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+@dataclass(frozen=True)
+class Trace:
+    peak: int  # bytes: high-water mark of the tensors created during the call
+    flops: int  # matmul, convolution and attention FLOPs of the call
+    shape: tuple[int, ...]  # of its output
+
+
+def trace(fn: Callable[[], Tensor], *, flops: bool = True) -> Trace:
+    """Run fn on meta tensors (its inputs must be created inside fn): activation peak, FLOPs (0 unless `flops`:
+    the counter doubles the cost of a trace), output shape."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attn = [0]
+    counter = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
+    with torch.no_grad(), _fused_attention(attn), LiveBytes() as tracker, counter:
+        out = fn()
+        shape = tuple(out.shape)
+        del out
+    return Trace(tracker.peak, int(counter.get_total_flops()) + attn[0] if flops else 0, shape)
 
 
 def activation_peak(fn: Callable[[], object]) -> int:
@@ -119,14 +161,45 @@ def _bytes(model: nn.Module) -> int:
 
 
 @dataclass(frozen=True)
+class Residency:
+    """What a plan assumes: where the experts live, their precision, where umT5 runs, the memory knobs.
+
+    experts: an ExpertPool policy (resident | offload | stream); bf16: DiT weights cast to bf16
+    (convert_model_dtype) rather than kept as stored (fp32); int8: weight-only int8 Linears (`quantize_`);
+    frugal: the DiT's token chunks and the VAE's spatial tiles on; batch_cfg: a step's `passes` guidance passes
+    run as one batch (always under stream: a block then crosses the bus once per step); stream_ahead: K.
+    """
+
+    experts: str = "offload"
+    bf16: bool = True
+    int8: bool = False
+    t5_cpu: bool = False
+    frugal: bool = True
+    batch_cfg: bool = False
+    passes: int = 2  # conditional + unconditional (S2V with motion_scale != 1 adds an audio-free pass)
+    stream_ahead: int = 2
+
+    @classmethod
+    def from_flags(cls, flags: OffloadFlags) -> Residency:
+        """The official flag sets as this engine ran them before the memory knobs (for the official table)."""
+        return cls(experts=flags.expert_policy, bf16=flags.convert_model_dtype, t5_cpu=flags.t5_cpu, frugal=False)
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     task: str
     size: str
     frames: int
-    flags: OffloadFlags
-    weights: dict[str, int]  # component -> bytes in the dtype it runs in
+    flags: OffloadFlags | Residency  # what was planned, as given
+    weights: dict[str, int]  # component -> bytes in the dtype it runs in (whole model, wherever it lives)
     phases: dict[str, int]  # phase -> predicted peak tensor bytes on the GPU
-    tokens: int  # DiT sequence length of one forward
+    tokens: int  # DiT sequence length of one forward (noisy tokens)
+    residency: Residency = field(default_factory=Residency)
+    expert_gpu: dict[str, int] = field(default_factory=dict)  # expert -> its bytes on the GPU while it runs
+    step_flops: int = 0  # FLOPs of one sampling step (every guidance pass)
+    bus_bytes: int = 0  # bytes copied host -> device per step (stream: the running expert's blocks)
+    dit_activation: int = 0  # traced peak of one DiT forward (its inputs included)
+    block_bytes: int = 0  # one transformer block (the largest)
 
     @property
     def peak(self) -> int:
@@ -143,88 +216,162 @@ def latent_frames(cfg, frames: int) -> int:  # noqa: ANN001 (PipelineConfig)
     return (frames - 1) // st + 1
 
 
-def _dit_inputs(cfg, frames: int, w: int, h: int) -> Callable[[nn.Module], Tensor]:  # noqa: ANN001
+def _dit_inputs(cfg, frames: int, w: int, h: int, batch: int = 1, *, device: str | torch.device = "meta",  # noqa: ANN001
+                dtype: torch.dtype = torch.float32) -> Callable[[nn.Module], Tensor]:
+    """run(model) -> one DiT forward of `batch` samples at this clip size, inputs made inside (random off meta)."""
     dit = cfg.dit
     _, sh, sw = cfg.vae_stride
     f, lh, lw = latent_frames(cfg, frames), h // sh, w // sw
+    meta = torch.device(device).type == "meta"
+
+    def new(*shape: int) -> Tensor:
+        # No random op on meta: it would run PyTorch's Python reference kernels (and import the compiler stack).
+        return torch.empty(shape, device=device, dtype=dtype) if meta else torch.randn(shape, device=device,
+                                                                                         dtype=dtype)
 
     def run(model: nn.Module) -> Tensor:
-        x = torch.empty(1, 16 if dit.in_dim != 48 else 48, f, lh, lw, device="meta")  # (B, C, F, H, W)
-        t = torch.empty(1, device="meta")
-        ctx = torch.empty(1, dit.text_len, dit.text_dim, device="meta")  # (B, S, text_dim), worst case S
+        b = batch
+        x = new(b, 16 if dit.in_dim != 48 else 48, f, lh, lw)  # (B, C, F, H, W)
+        t = torch.full((b,), 500.0, device=device)  # (B,) fp32, as the pipeline passes it
+        ctx = new(b, dit.text_len, dit.text_dim)  # (B, S, text_dim), worst case S
         kw: dict[str, object] = {}
         if dit.in_dim - x.shape[1] > 0:
-            kw["y"] = torch.empty(1, dit.in_dim - x.shape[1], f, lh, lw, device="meta")
+            kw["y"] = new(b, dit.in_dim - x.shape[1], f, lh, lw)
         if dit.s2v is not None:
             from wanmoe.models.s2v import S2VInputs
 
             s = dit.s2v
             kw["s2v"] = S2VInputs(
-                audio=torch.empty(1, s.num_audio_layers, s.audio_dim, frames, device="meta"),  # (B, K, Da, A)
-                ref_latents=torch.empty(1, 16, 1, lh, lw, device="meta"),
-                motion_latents=torch.empty(1, 16, s.lat_motion_frames, lh, lw, device="meta"),
+                audio=new(b, s.num_audio_layers, s.audio_dim, frames),  # (B, K, Da, A)
+                ref_latents=new(b, 16, 1, lh, lw),
+                motion_latents=new(b, 16, s.lat_motion_frames, lh, lw),
             )
         return model(x, t, ctx, **kw)
 
     return run
 
 
-def plan_memory(cfg, size: str, flags: OffloadFlags, *, frames: int | None = None,  # noqa: ANN001
-                cache: dict | None = None) -> MemoryPlan:
-    """Predict weights and per-phase GPU peaks for PipelineConfig cfg at size 'W*H' with the given flags.
+def _frugal_(dit: nn.Module, vae: nn.Module, on: bool) -> None:
+    """The memory knobs (token chunks, VAE tiles) on as the loader switches them on, or off."""
+    return None  # wired once the knobs land (models/dit.py, models/vae.py)
 
-    cache (optional, caller-owned) reuses activation peaks across flag sets that share task, size and dtype.
-    """
+
+def _cached(cache: dict | None, key: tuple, make: Callable[[], object]):  # noqa: ANN202
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _models(cfg, dtype: torch.dtype, int8: bool, cache: dict | None) -> tuple[nn.Module, nn.Module, nn.Module | None]:  # noqa: ANN001
+    """The DiT (as the loader casts and quantizes it), the VAE (fp32, as official) and the text encoder, on meta."""
     from wanmoe.models.dit import DiT
     from wanmoe.models.vae import WanVAE
 
+    def dit() -> nn.Module:
+        with torch.device("meta"):
+            m = numerics.cast_(DiT(cfg.dit), dtype)  # the fp32 modules stay fp32, as the loader keeps them
+        if int8:
+            from wanmoe.memory.quantize import quantize_
+
+            quantize_(m, "int8")
+        return m
+
+    def vae() -> nn.Module:
+        with torch.device("meta"):
+            return WanVAE(cfg.vae)
+
+    def text() -> nn.Module | None:
+        with torch.device("meta"):
+            return _text_encoder(cfg)
+
+    return (_cached(cache, ("model", "dit", cfg.task, str(dtype), int8), dit),
+            _cached(cache, ("model", "vae", cfg.vae), vae), _cached(cache, ("model", "text", cfg.text_encoder), text))
+
+
+def _vae_traces(cfg, vae: nn.Module, frames: int, w: int, h: int, key: tuple,  # noqa: ANN001
+                cache: dict | None) -> tuple[Trace, Trace | None]:
+    """(decode, encode) traces. T2V/I2V decode one clip; S2V decodes the motion context's latents followed by the
+    clip's, then re-encodes the next clip's motion frames while the decoded clip is still held (pipeline order).
+    The I2V encode is the conditioning clip (the image, zeros after it); others have none worth a phase."""
+    _, sh, sw = cfg.vae_stride
+    s2v = cfg.dit.s2v
+    lat_f = latent_frames(cfg, frames) + (s2v.lat_motion_frames if s2v is not None else 0)
+    lat = (1, cfg.vae.z_dim, lat_f, h // sh, w // sw)
+
+    def decode() -> Tensor:
+        out = vae.decode(torch.empty(lat, device="meta"))  # (1, 3, T, Hp, Wp)
+        if s2v is None:
+            return out
+        return vae.encode(torch.empty(1, 3, s2v.motion_frames, h, w, device="meta"))  # with `out` alive
+
+    dec = _cached(cache, ("vae-decode", *key), lambda: trace(decode, flops=False))
+    enc = None
+    if cfg.modality == "i2v":
+        enc = _cached(cache, ("vae-encode-i2v", *key),
+                      lambda: trace(lambda: vae.encode(torch.empty(1, 3, frames, h, w, device="meta")), flops=False))
+    return dec, enc
+
+
+def plan_memory(cfg, size: str, flags: OffloadFlags | Residency, *, frames: int | None = None,  # noqa: ANN001
+                cache: dict | None = None) -> MemoryPlan:
+    """Predict weights and per-phase GPU peaks for PipelineConfig cfg at size 'W*H' under `flags`: an official
+    flag set (OffloadFlags) or a `Residency`. cache (optional, caller-owned) reuses traces across calls."""
+    res = flags if isinstance(flags, Residency) else Residency.from_flags(flags)
     w, h = (int(v) for v in size.split("*"))
     if frames is None:
         frames = cfg.infer_frames if cfg.modality == "s2v" else cfg.frame_num
     # The loader's dtype for a GPU (numerics.weight_dtype); None keeps the stored dtype: official shards are fp32.
-    dit_dtype = numerics.weight_dtype("cuda", flags.convert_model_dtype) or torch.float32
-    with torch.device("meta"):
-        dit = numerics.cast_(DiT(cfg.dit), dit_dtype)  # the fp32 modules stay fp32, as the loader keeps them
-        vae = WanVAE(cfg.vae)  # fp32, as official
-        text = _text_encoder(cfg)
-    weights = {f"expert:{n}": _bytes(dit) for n in cfg.experts}
-    weights["vae"] = _bytes(vae)
-    weights["text_encoder"] = _bytes(text) if text is not None else 0
+    dit_dtype = numerics.weight_dtype("cuda", res.bf16) or torch.float32
+    dit, vae, text = _models(cfg, dit_dtype, res.int8, cache)
+    _frugal_(dit, vae, res.frugal)
+    expert, blocks = _cached(cache, ("bytes", cfg.task, str(dit_dtype), res.int8),
+                             lambda: (_bytes(dit), [_bytes(b) for b in dit.blocks]))
+    ahead = min(res.stream_ahead, len(blocks))
+    on_gpu = expert - sum(blocks) + ahead * max(blocks) if res.experts == "stream" else expert
+    weights = {f"expert:{n}": expert for n in cfg.experts}
+    weights["vae"] = _cached(cache, ("bytes", cfg.vae), lambda: _bytes(vae))
+    weights["text_encoder"] = 0 if text is None else _cached(cache, ("bytes", cfg.text_encoder), lambda: _bytes(text))
     if cfg.audio_encoder == "wav2vec2":
-        weights["audio_encoder"] = 315_438_720 * 4  # wav2vec2-large-xlsr-53 encoder, fp32 (HF checkpoint count)
+        weights["audio_encoder"] = 315_438_720 * 4  # wav2vec2-large-xlsr-53 encoder, fp32, on the CPU (loading.py)
 
-    runner = _dit_inputs(cfg, frames, w, h)
-    tokens = [0]
+    batch = res.passes if res.batch_cfg else 1
+    runner = _dit_inputs(cfg, frames, w, h, batch)
+    dit_key = ("dit", cfg.task, size, frames, str(dit_dtype), res.int8, res.frugal, batch)
+    dit_t = _cached(cache, dit_key, lambda: trace(lambda: runner(dit)))
+    # VAE traces depend on the VAE, the latent and the knobs only (T2V and I2V share their decode).
+    dec_t, enc_t = _vae_traces(cfg, vae, frames, w, h, (cfg.vae, cfg.dit.s2v, size, frames, res.frugal), cache)
+    t5_gpu = 0 if res.t5_cpu else weights["text_encoder"]
+    t5_act = 0
+    if t5_gpu and cfg.text_encoder == "umt5-xxl":
+        t5_act = _cached(cache, ("t5", cfg.text_encoder), lambda: trace(_t5_forward(text), flops=False)).peak
 
-    def dit_forward() -> Tensor:
-        out = runner(dit)
-        tokens[0] = out.shape[2] * out.shape[3] * out.shape[4] // 4
-        return out
+    vae_w = weights["vae"]
+    stay = t5_gpu if res.experts == "resident" else 0  # umT5 leaves the device after encoding except when resident
+    phases = {"text": vae_w + t5_gpu + t5_act}
+    if enc_t is not None:
+        phases["vae_encode"] = vae_w + stay + enc_t.peak
+    held = 0
+    for n in cfg.experts:  # in sampling order: resident keeps every expert it has loaded
+        held = held + on_gpu if res.experts == "resident" else on_gpu
+        phases[f"denoise:{n}"] = vae_w + stay + held + dit_t.peak
+    phases["decode"] = vae_w + stay + held + dec_t.peak
+    per_step = 1 if res.batch_cfg else res.passes  # forwards per step
+    patches = math.prod(cfg.dit.patch_size)
+    return MemoryPlan(cfg.task, size, frames, flags, weights, phases, math.prod(dit_t.shape[2:]) // patches,
+                      residency=res, expert_gpu={n: on_gpu for n in cfg.experts}, step_flops=dit_t.flops * per_step,
+                      bus_bytes=sum(blocks) * per_step if res.experts == "stream" else 0,
+                      dit_activation=dit_t.peak, block_bytes=max(blocks))
 
-    # The decode: T2V/I2V one clip; S2V the motion context's latents followed by the clip's.
-    lat_f = latent_frames(cfg, frames) + (cfg.dit.s2v.lat_motion_frames if cfg.dit.s2v is not None else 0)
-    lat = torch.Size((1, cfg.vae.z_dim, lat_f, h // cfg.vae_stride[1], w // cfg.vae_stride[2]))
-    key = (cfg.task, size, frames, dit_dtype)
-    if cache is not None and key in cache:
-        dit_act, vae_act, tokens[0] = cache[key]
-    else:
-        dit_act = activation_peak(dit_forward)
-        vae_act = activation_peak(lambda: vae.decode(torch.empty(lat, device="meta")))
-        if cache is not None:
-            cache[key] = (dit_act, vae_act, tokens[0])
 
-    experts_all = sum(v for k, v in weights.items() if k.startswith("expert:"))
-    one_expert = max(v for k, v in weights.items() if k.startswith("expert:"))
-    enc = weights["text_encoder"] + weights.get("audio_encoder", 0)
-    t5_gpu = 0 if flags.t5_cpu else weights["text_encoder"]
-    # Without --offload_model the encoders stay on the GPU after encoding and the experts stay after the loop.
-    stay = 0 if flags.offload_model else t5_gpu + weights.get("audio_encoder", 0)
-    phases = {
-        "encode": weights["vae"] + (enc if not flags.t5_cpu else weights.get("audio_encoder", 0)),
-        "denoise": weights["vae"] + stay + (one_expert if flags.offload_model else experts_all) + dit_act,
-        "decode": weights["vae"] + stay + (0 if flags.offload_model else experts_all) + vae_act,
-    }
-    return MemoryPlan(cfg.task, size, frames, flags, weights, phases, tokens[0])
+def _t5_forward(text: nn.Module) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        n = text.cfg.text_len
+        ids = torch.zeros(1, n, dtype=torch.long, device="meta")  # (B, S)
+        return text(ids, torch.ones(1, n, dtype=torch.long, device="meta"))  # (B, S, C)
+
+    return run
 
 
 def _text_encoder(cfg) -> nn.Module | None:  # noqa: ANN001
@@ -245,50 +392,28 @@ FLAG_SETS: dict[str, OffloadFlags] = {
 }
 
 
+def denoise_peak(p: MemoryPlan) -> int:
+    return max(v for k, v in p.phases.items() if k.startswith("denoise:"))
+
+
 def format_rows(plans: Sequence[MemoryPlan]) -> str:
+    """The official flag sets, one row each, beside the official measurement where one exists."""
     head = (f"{'task':10s} {'size':9s} {'frames':>6s} {'flags':20s} {'tokens':>7s} {'weights GB':>10s} "
-            f"{'encode':>7s} {'denoise':>8s} {'decode':>7s} {'peak GB':>8s} {'official GB':>11s}")
+            f"{'text':>6s} {'denoise':>8s} {'decode':>7s} {'peak GB':>8s} {'official GB':>11s}")
     lines = [head, "-" * len(head)]
     for p in plans:
-        name = next((k for k, v in FLAG_SETS.items() if v == p.flags), str(p.flags))
-        off = official_peak_gb(p.task, p.size, p.flags)
+        flags = p.flags if isinstance(p.flags, OffloadFlags) else None
+        name = next((k for k, v in FLAG_SETS.items() if v == flags), str(p.flags))
+        off = official_peak_gb(p.task, p.size, flags) if flags is not None else None
         lines.append(
             f"{p.task:10s} {p.size:9s} {p.frames:6d} {name:20s} {p.tokens:7d} {sum(p.weights.values()) / GB:10.1f} "
-            f"{p.phases['encode'] / GB:7.1f} {p.phases['denoise'] / GB:8.1f} {p.phases['decode'] / GB:7.1f} "
+            f"{p.phases['text'] / GB:6.1f} {denoise_peak(p) / GB:8.1f} {p.phases['decode'] / GB:7.1f} "
             f"{p.peak / GB:8.1f} {'' if off is None else f'{off:.1f}':>11s}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from wanmoe.configs import PRESETS, get_preset
+    """`wanmoe plan` (the command lives with the policies: `wanmoe.memory.plan_policy.main`)."""
+    from wanmoe.memory.plan_policy import main as policy_main
 
-    official = [k for k in PRESETS if k.lower() in ("t2v-a14b", "i2v-a14b", "s2v-14b")]
-    p = argparse.ArgumentParser(prog="wanmoe plan", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", action="append", choices=sorted(PRESETS), help="task(s) (default: the official ones)")
-    p.add_argument("--size", action="append", help="W*H size(s) (default: 1280*720 and 832*480)")
-    p.add_argument("--flags", action="append", choices=sorted(FLAG_SETS), help="flag set(s) (default: all)")
-    p.add_argument("--frames", type=int, default=None, help="pixel frames (default: the task's)")
-    args = p.parse_args(argv)
-    plans, cache, skipped = [], {}, []
-    for task in args.task or official:
-        cfg = get_preset(task)
-        for size in args.size or ["1280*720", "832*480"]:
-            for flag_name in args.flags or list(FLAG_SETS):
-                try:
-                    plans.append(plan_memory(cfg, size, FLAG_SETS[flag_name], frames=args.frames, cache=cache))
-                except NotImplementedError as e:
-                    # A forward that reads tensor values (e.g. .cpu() on positions) cannot run on meta tensors.
-                    skipped.append(f"{task} {size} {flag_name}: forward not meta-traceable ({e})")
-                    break
-    print(format_rows(plans))
-    for line in skipped:
-        print(f"skipped: {line}")
-    print("predicted = tensor bytes at the peak phase (max_memory_allocated); official = measured process peak, "
-          "H100, --offload_model True --convert_model_dtype (the Wan2.2 computational-efficiency table)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
+    return policy_main(argv)
