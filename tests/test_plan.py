@@ -13,7 +13,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from wanmoe.backends import use_mode
-
 from wanmoe.configs import get_preset
 from wanmoe.memory import plan_policy as pp
 from wanmoe.memory.offload import OffloadFlags
