@@ -121,3 +121,45 @@ def test_latent_sets_concatenate():
     both = LatentSet.cat([one(2), one(3)])
     assert both.latents.shape[0] == both.audio.shape[0] == both.context.shape[0] == both.mouth.shape[0] == 5
     assert LatentSet.cat([one(2), one(1, mouth=False)]).mouth is None
+
+
+def test_vae_sizes_widened_warm_start_and_time_limit(tmp_path):
+    """--vae_dim/--vae_mult/--z_dim size the VAE; --vae_init starts a wider latent from a trained VAE computing
+    the same reconstruction; --max_minutes stops with a checkpoint that a rerun resumes; --heldout logs PSNR."""
+    import dataclasses
+
+    from wanmoe.models.vae import WanVAE
+    from wanmoe.train.vae_train import load_init
+
+    out = tmp_path / "run"
+    assert train_cli.main(["clips", "--n", "2", "--out", str(out), "--smoke", "--quiet"]) == 0
+    small = ["--vae_dim", "4", "--vae_res_blocks", "1", "--vae_mult", "1,2,2,2"]
+    assert train_cli.main(["vae", "--out", str(out), "--smoke", "--quiet", *small]) == 0
+    cfg = json.loads((out / "vae" / "config.json").read_text())
+    assert (cfg["dim"], cfg["num_res_blocks"], cfg["dim_mult"], cfg["z_dim"]) == (4, 1, [1, 2, 2, 2], 16)
+
+    wide = tmp_path / "wide"
+    (wide / "clips.pt").parent.mkdir(parents=True)
+    (wide / "clips.pt").symlink_to(out / "clips.pt")
+    argv = ["vae", "--out", str(wide), "--quiet", *small, "--z_dim", "24", "--vae_init",
+            str(out / "vae" / "vae.safetensors"), "--phases", "4:5:16:1:1e-3", "--heldout", "1"]
+    assert train_cli.main([*argv, "--max_minutes", "0"]) == 0  # stops at once: a checkpoint at step 0
+    ck = torch.load(wide / "vae" / "vae_ckpt.pt", weights_only=True)
+    assert ck["step"] == 0 and not (wide / "vae" / "vae.safetensors").exists()
+    # The widened model at step 0 is the small one plus unused latent channels: the same reconstruction.
+    from wanmoe.loading import load_small_vae
+
+    old = load_small_vae(out / "vae" / "vae.safetensors", torch.device("cpu"))
+    new = WanVAE(dataclasses.replace(old.cfg, z_dim=24, mean=(0.0,) * 24, std=(1.0,) * 24))
+    new.load_state_dict(ck["model"])
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(new.decode(new.encode_moments(x)[0]), old.decode(old.encode(x)))
+    load_init(new, out / "vae" / "vae.safetensors")  # the same embedding, straight from the file
+    assert all(torch.equal(v, ck["model"][k]) for k, v in new.state_dict().items())
+
+    assert train_cli.main(argv) == 0  # resumes and finishes
+    assert torch.load(wide / "vae" / "vae_ckpt.pt", weights_only=True)["step"] == 4
+    assert json.loads((wide / "vae" / "config.json").read_text())["z_dim"] == 24
+    rows = [json.loads(r) for r in (wide / "vae" / "vae_heldout.jsonl").read_text().splitlines()]
+    assert rows and all(k in rows[0] for k in ("all", "late", "mouth")) and rows[0]["step"] == 0

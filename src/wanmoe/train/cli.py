@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from wanmoe.configs import PRESETS, PipelineConfig
+from wanmoe.models.vae import VAEConfig
 from wanmoe.train.clips import ClipSet, build_clips, load_clips, save_clips
 
 log = logging.getLogger("wanmoe.train")
@@ -82,10 +83,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (train experts side by side, one each)")
-    p.add_argument("--max_minutes", type=float, default=None, help="expert: stop (and checkpoint) after this long")
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="expert/vae: stop (and checkpoint) after this long; a later run resumes")
     p.add_argument("--phases", default="1800:5:48:4:6e-4,2400:49:24:2:4e-4",
                    help="vae: end_step:frames:crop:batch:lr[:sample][:mouth] per phase, each resuming the previous "
                         "(sample: draw from the posterior; mouth: over-sample mouth crops with a lip-region loss)")
+    p.add_argument("--vae_dim", type=int, default=None, help="vae: base width (default: the preset's)")
+    p.add_argument("--vae_res_blocks", type=int, default=None,
+                   help="vae: residual blocks per encoder stage, decoder stages one more (default: the preset's)")
+    p.add_argument("--vae_mult", default=None,
+                   help="vae: stage width multipliers, comma list, e.g. 1,2,4,8 (default: the preset's)")
+    p.add_argument("--z_dim", type=int, default=None, help="vae: latent channels (default: the preset's)")
+    p.add_argument("--vae_init", type=Path, default=None,
+                   help="vae: start from this trained VAE (.safetensors or checkpoint) when OUT/vae has no checkpoint; "
+                        "the latent may be wider (the new channels start unused)")
+    p.add_argument("--clips", default=None,
+                   help="vae: comma list of clip files to train on together (default: OUT/clips.pt)")
+    p.add_argument("--heldout", type=int, default=0,
+                   help="vae: held-out whole clips measured during training (OUT/vae/vae_heldout.jsonl; 0: none)")
+    p.add_argument("--eval_every", type=float, default=120.0, help="vae: seconds of training between measurements")
+    p.add_argument("--warmup", type=int, default=0, help="vae: linear learning-rate warm-up steps at each phase start")
     p.add_argument("--dest", type=Path, default=None, help="export: destination folder")
     p.add_argument("--init", type=Path, default=None,
                    help="expert: start from this checkpoint's EMA weights (e.g. runs/mini/experts/high.pt)")
@@ -114,25 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = split_seeds("train")[a.start : a.start + a.n]
         save_clips(build_clips(seeds, frames=frames, size=size, progress=progress, speech=a.speech), a.out / "clips.pt")
     elif a.stage == "vae":
-        from wanmoe.train.vae_train import train_vae
-
-        vcfg = dataclasses.replace(cfg.vae, mean=(0.0,) * cfg.vae.z_dim, std=(1.0,) * cfg.vae.z_dim)
-        clips = load_clips(a.out / "clips.pt")
-        phases = [ph.split(":") for ph in a.phases.split(",")]
-        if a.smoke:
-            phases = [["3", "5", "16", "2", "1e-3"]]
-        final = vcfg
-        for k, ph in enumerate(phases):  # end_step:frames:crop:batch:lr[:sample][:mouth]; each resumes the last
-            flags = set(ph[5:])
-            if flags - {"sample", "mouth"}:
-                raise SystemExit(f"--phases: unknown flag(s) {sorted(flags - {'sample', 'mouth'})} in {':'.join(ph)}")
-            mouth = "mouth" in flags
-            final = train_vae(clips, a.out / "vae", vcfg, steps=int(ph[0]), frames=int(ph[1]), crop=int(ph[2]),
-                              batch=int(ph[3]), lr=float(ph[4]), sample_posterior="sample" in flags,
-                              mouth_p=0.6 if mouth else 0.0, mouth_weight=4.0 if mouth else 0.0,
-                              ref_p=0.5 if mouth else 0.3, ckpt_every=50, progress=progress,
-                              finalize=k == len(phases) - 1)
-        (a.out / "vae" / "config.json").write_text(json.dumps(dataclasses.asdict(final)))
+        vae_stage(cfg, a, progress)
     elif a.stage == "latents":
         from wanmoe.loading import load_small_vae
 
@@ -164,6 +163,63 @@ def main(argv: list[str] | None = None) -> int:
     elif a.stage == "export":
         export(cfg, a.out, a.dest or a.out / "export")
     return 0
+
+
+def vae_config(cfg: PipelineConfig, a: argparse.Namespace) -> VAEConfig:
+    """The preset's VAE with the --vae_dim/--vae_res_blocks/--vae_mult/--z_dim overrides and stats (0, 1)."""
+    over: dict = {}
+    if a.vae_dim is not None:
+        over["dim"] = a.vae_dim
+    if a.vae_res_blocks is not None:
+        over["num_res_blocks"] = a.vae_res_blocks
+    if a.vae_mult is not None:
+        try:
+            over["dim_mult"] = tuple(int(m) for m in a.vae_mult.split(","))
+        except ValueError:
+            raise SystemExit(f"--vae_mult {a.vae_mult!r}: expected a comma list of integers, e.g. 1,2,4,8") from None
+        if len(over["dim_mult"]) != len(cfg.vae.dim_mult):
+            # The stride (and so every latent shape downstream) follows the number of stages.
+            raise SystemExit(f"--vae_mult needs {len(cfg.vae.dim_mult)} entries (the stride stays "
+                             f"{cfg.vae.stride}), got {a.vae_mult!r}")
+    z = a.z_dim if a.z_dim is not None else cfg.vae.z_dim
+    vcfg = dataclasses.replace(cfg.vae, **over, z_dim=z, mean=(0.0,) * z, std=(1.0,) * z)
+    try:
+        vcfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"vae: {e}") from None
+    return vcfg
+
+
+def vae_stage(cfg: PipelineConfig, a: argparse.Namespace, progress: bool) -> None:
+    """`wanmoe train vae`: the --phases in order, each resuming the last; stops at --max_minutes (resumable)."""
+    import time
+
+    from wanmoe.train.vae_train import HeldOut, cat_clips, train_vae
+
+    vcfg = vae_config(cfg, a)
+    files = [Path(f) for f in a.clips.split(",")] if a.clips else [a.out / "clips.pt"]
+    clips = cat_clips([load_clips(f) for f in files])
+    phases = [ph.split(":") for ph in a.phases.split(",")]
+    if a.smoke:
+        phases = [["3", "5", "16", "2", "1e-3"]]
+    held = HeldOut.make(a.heldout, size=64 if a.smoke else 128) if a.heldout > 0 else None
+    deadline = None if a.max_minutes is None else time.time() + a.max_minutes * 60
+    final = vcfg
+    for k, ph in enumerate(phases):  # end_step:frames:crop:batch:lr[:sample][:mouth]; each resumes the last
+        flags = set(ph[5:])
+        if flags - {"sample", "mouth"}:
+            raise SystemExit(f"--phases: unknown flag(s) {sorted(flags - {'sample', 'mouth'})} in {':'.join(ph)}")
+        mouth = "mouth" in flags
+        final, finished = train_vae(
+            clips, a.out / "vae", vcfg, steps=int(ph[0]), frames=int(ph[1]), crop=int(ph[2]), batch=int(ph[3]),
+            lr=float(ph[4]), sample_posterior="sample" in flags, mouth_p=0.6 if mouth else 0.0,
+            mouth_weight=4.0 if mouth else 0.0, ref_p=0.5 if mouth else 0.3, ckpt_every=50, progress=progress,
+            finalize=k == len(phases) - 1, init=a.vae_init, deadline=deadline, held=held,
+            eval_every_s=a.eval_every, warmup=a.warmup)
+        if not finished:
+            log.info("vae: stopped at --max_minutes in phase %d; run the same command again to resume", k + 1)
+            return
+    (a.out / "vae" / "config.json").write_text(json.dumps(dataclasses.asdict(final)))
 
 
 def export(cfg: PipelineConfig, run: Path, dest: Path) -> None:

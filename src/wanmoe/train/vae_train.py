@@ -6,6 +6,10 @@ The VAE is fully convolutional, so it trains on small random crops of few frames
 full frames afterwards. Loss: L1 + MSE reconstruction + a tiny KL to keep the posterior well behaved. After
 training, the per-channel latent mean/std are measured on full clips and written into the config, as the
 official VAE carries its 16 constants.
+
+Held-out measurement (`heldout_psnr`): whole clips in the S2V layout [reference | 68 frames], reference dropped,
+PSNR over all frames, over the late frames (>= 40) and inside the mouth box; the training loop logs it on a
+wall-clock schedule so runs of different cost compare at equal time.
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ def mouth_boxes(clips: ClipSet) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
+def cat_clips(sets: list[ClipSet]) -> ClipSet:
+    """One ClipSet from several (e.g. procedural + espeak speech clips); audio cut to the shortest."""
+    if len(sets) == 1:
+        return sets[0]
+    n_audio = min(c.audio.shape[1] for c in sets)
+    return ClipSet(torch.cat([c.video for c in sets]), torch.cat([c.ref for c in sets]),
+                   torch.cat([c.audio[:, :n_audio] for c in sets]), [s for c in sets for s in c.seeds],
+                   [p for c in sets for p in c.prompts], sets[0].sr, sets[0].fps)
+
+
 def random_crops(clips: ClipSet, g: torch.Generator, batch: int, frames: int, crop: int, *,
                  boxes: list[tuple[int, int, int, int]] | None = None, mouth_p: float = 0.0,
                  ref_p: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +74,10 @@ def random_crops(clips: ClipSet, g: torch.Generator, batch: int, frames: int, cr
         else:
             y = int(torch.randint(h - crop + 1, (1,), generator=g))
             x = int(torch.randint(w - crop + 1, (1,), generator=g))
-        v = clips.video_float(i)[:, s : s + frames, y : y + crop, x : x + crop]  # (3, T, c, c)
+        v = clips.video[i, :, s : s + frames, y : y + crop, x : x + crop].float() / 127.5 - 1.0  # (3, T, c, c)
         if torch.rand((), generator=g) < ref_p:
-            v = torch.cat([clips.ref_float(i)[:, None, y : y + crop, x : x + crop], v[:, 1:]], dim=1)
+            r = clips.ref[i, :, None, y : y + crop, x : x + crop].float() / 127.5 - 1.0  # (3, 1, c, c)
+            v = torch.cat([r, v[:, 1:]], dim=1)
         mask = torch.zeros(1, 1, h, w)
         if boxes is not None:
             y0, y1, x0, x1 = boxes[i]
@@ -70,6 +85,116 @@ def random_crops(clips: ClipSet, g: torch.Generator, batch: int, frames: int, cr
         out.append(v)
         masks.append(mask[..., y : y + crop, x : x + crop])
     return torch.stack(out), torch.stack(masks)
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """Held-out whole clips for `heldout_psnr`: pixels [ref | video] (N, 3, 69, Hp, Wp) and mouth boxes."""
+
+    pixels: torch.Tensor
+    boxes: list[tuple[int, int, int, int]]
+    seeds: list[int]
+
+    @classmethod
+    def make(cls, n: int, frames: int = 68, size: int = 128) -> HeldOut:
+        from wanmoe.data.avatar import make_sample, split_seeds
+        from wanmoe.eval.metrics import locate_mouth
+
+        pix, boxes = [], []
+        for seed in split_seeds("heldout", n):
+            s = make_sample(seed, frames=frames, size=size)
+            pix.append(torch.cat([s.ref[:, None], s.video], 1))  # (3, 1 + frames, Hp, Wp)
+            r = locate_mouth(s.ref)
+            boxes.append((r.y0, r.y1, r.x0, r.x1))
+        return cls(torch.stack(pix), boxes, list(split_seeds("heldout", n)))
+
+
+def _psnr01(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two [-1, 1] tensors on the [0, 1] scale (eval.metrics.psnr's definition)."""
+    mse = ((a.double() - b.double()) / 2).pow(2).mean().clamp_min(1e-10)
+    return float(-10 * torch.log10(mse))
+
+
+@torch.no_grad()
+def heldout_psnr(vae: WanVAE, held: HeldOut, *, late_from: int = 40, chunked: bool = False) -> dict[str, list[float]]:
+    """Per clip: PSNR of the reconstruction over all video frames ("all"), frames >= ``late_from`` ("late") and
+    the mouth box over all frames ("mouth"); the reference frame is encoded (S2V layout) but not scored."""
+    res: dict[str, list[float]] = {"all": [], "late": [], "mouth": []}
+    for i in range(len(held.seeds)):
+        x = held.pixels[i : i + 1]  # (1, 3, 1 + T, Hp, Wp)
+        rec = vae.decode(vae.encode(x, chunked=chunked), chunked=chunked)[:, :, 1:]  # (1, 3, T, Hp, Wp)
+        v = x[:, :, 1:]
+        y0, y1, x0, x1 = held.boxes[i]
+        res["all"].append(_psnr01(rec, v))
+        res["late"].append(_psnr01(rec[:, :, late_from:], v[:, :, late_from:]))
+        res["mouth"].append(_psnr01(rec[..., y0:y1, x0:x1], v[..., y0:y1, x0:x1]))
+    return res
+
+
+def widen_latent(state: dict[str, torch.Tensor], init: dict[str, torch.Tensor], z_old: int,
+                 z_new: int) -> dict[str, torch.Tensor]:
+    """Embed a trained z_old-channel VAE in a z_new-channel one of the same widths (warm start).
+
+    The old latent channels become the first z_old of the new ones; the new encoder channels start from their
+    random init (``init``, the fresh model's state) and the decoder weights reading them start at zero, so the
+    widened model computes exactly the old reconstruction at step 0 and learns what to put in the new channels.
+    The 1x1 convs around the latent get an identity on the new channels."""
+    if z_new < z_old:
+        raise ValueError(f"z_dim can only grow in a warm start, got {z_old} -> {z_new}")
+    out = {}
+    for k, v in init.items():
+        old = state.get(k)
+        if old is None:
+            raise ValueError(f"warm start: {k} missing from the initial weights")
+        if old.shape == v.shape:
+            out[k] = old.clone()
+            continue
+        new = v.clone()
+        if k in ("encoder.head.2.weight", "encoder.head.2.bias"):  # out channels [mu | log_var]
+            new[:z_old] = old[:z_old]
+            new[z_new : z_new + z_old] = old[z_old:]
+        elif k in ("conv1.weight", "conv1.bias"):  # (2z, 2z) 1x1 on [mu | log_var]
+            new.zero_()
+            rows = [*range(z_old), *range(z_new, z_new + z_old)]
+            if new.dim() == 1:
+                new[rows] = old
+            else:
+                new[torch.arange(2 * z_new), torch.arange(2 * z_new)] = 1.0  # identity, then the old block
+                new[[[r] for r in rows], rows] = old
+        elif k in ("conv2.weight", "conv2.bias"):  # (z, z) 1x1 on the latent
+            new.zero_()
+            if new.dim() == 1:
+                new[:z_old] = old
+            else:
+                new[torch.arange(z_new), torch.arange(z_new)] = 1.0
+                new[:z_old, :z_old] = old
+        elif k == "decoder.conv1.weight":  # (C, z, 3, 3, 3): the new input channels start unread
+            new.zero_()
+            new[:, :z_old] = old
+        else:
+            raise ValueError(f"warm start: {k} is {tuple(old.shape)} in the initial weights, {tuple(v.shape)} here; "
+                             "only the latent width (z_dim) may differ")
+        out[k] = new
+    return out
+
+
+def load_init(vae: WanVAE, path: Path) -> None:
+    """Start ``vae`` from a trained VAE (safetensors with its config, or a training checkpoint), widening the
+    latent if this one has more channels (`widen_latent`)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["config"])
+        state = load_file(str(path))
+    else:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        meta, state = json.loads(ck["config"]), ck["model"]
+    # The latent stats need no folding: training feeds the raw mu to decode() with stats (0, 1), and the trained
+    # model's decode(normalised z) computes conv2(z * std + mean) = conv2(raw mu), the same function.
+    z_old = int(meta["z_dim"])
+    vae.load_state_dict(widen_latent(state, vae.state_dict(), z_old, vae.cfg.z_dim))
 
 
 @torch.no_grad()
@@ -83,31 +208,67 @@ def measure_latent_stats(vae: WanVAE, clips: ClipSet, n: int = 16) -> tuple[list
 def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: int = 2, frames: int = 9,
               crop: int = 64, lr: float = 4e-4, kl_weight: float = 1e-6, seed: int = 0, ckpt_every: int = 200,
               progress: bool = True, sample_posterior: bool = False, finalize: bool = True, mouth_p: float = 0.0,
-              mouth_weight: float = 0.0, ref_p: float = 0.3) -> VAEConfig:
+              mouth_weight: float = 0.0, ref_p: float = 0.3, init: Path | None = None,
+              deadline: float | None = None, held: HeldOut | None = None, eval_every_s: float = 120.0,
+              warmup: int = 0) -> tuple[VAEConfig, bool]:
     """Flat loop: sample crops -> encode -> reparameterise -> decode -> loss -> step; resumable from out/vae_ckpt.pt.
 
     ``mouth_p``/``mouth_weight``: over-sample mouth-centred crops and add ``mouth_weight`` x the L1 loss inside
     the mouth box (a lip-region loss: the mouth is small, but audio-mouth sync lives there). The learning rate
-    follows a cosine from ``lr`` over this call's steps (resumed phases restart their own cosine)."""
+    follows a cosine from ``lr`` over this call's steps (a phase that starts from an earlier phase's checkpoint
+    starts its own cosine; one interrupted by ``deadline`` continues its cosine when resumed).
+    ``init``: a trained VAE to start from when no checkpoint exists yet (`load_init`). ``deadline`` (a
+    ``time.time()`` value): checkpoint and stop there; returns (config, finished). ``held``: held-out clips
+    measured every ``eval_every_s`` seconds of training (wall time not counting the measurement) into
+    out/vae_heldout.jsonl. ``warmup``: the learning rate ramps up linearly over the phase's first steps (a
+    fresh AdamW's first updates are lr-sized on every weight, which undoes much of a warm start)."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "vae_ckpt.pt"
     torch.manual_seed(seed)
     vae = WanVAE(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    step = 0
+    step, train_s, cosine_start = 0, 0.0, None
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         vae.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        step = int(ck["step"])
+        step, train_s = int(ck["step"]), float(ck.get("train_s", 0.0))
+        if ck.get("cosine_end") == steps:  # resuming an interrupted phase: continue its cosine, do not restart it
+            cosine_start = int(ck["cosine_start"])
         log.info("resumed VAE training at step %d", step)
+    elif init is not None:
+        load_init(vae, init)
+        log.info("VAE starts from %s", init)
     g = torch.Generator().manual_seed(seed + step)
-    start = step
+    start = step if cosine_start is None else cosine_start
     boxes = mouth_boxes(clips) if (mouth_p > 0 or mouth_weight > 0) else None
     logf = (out / "vae_loss.jsonl").open("a")
     bar = tqdm(total=steps, initial=step, desc="train vae", disable=not progress)
-    t0 = time.perf_counter()
+
+    def save() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
+                    "cosine_start": start, "cosine_end": steps,
+                    "config": json.dumps(dataclasses.asdict(cfg))}, tmp)
+        tmp.replace(ckpt_path)
+
+    def measure() -> None:
+        r = heldout_psnr(vae, held)
+        row = {"step": step, "train_s": round(train_s, 1), **{k: sum(v) / len(v) for k, v in r.items()}}
+        with (out / "vae_heldout.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("held-out step %d (%.0f s): all %.2f dB, late %.2f, mouth %.2f", step, train_s, row["all"],
+                 row["late"], row["mouth"])
+
+    next_eval = (train_s // eval_every_s + 1) * eval_every_s
+    if held is not None and step == 0:
+        measure()
+    finished = True
     while step < steps:
+        if deadline is not None and time.time() >= deadline:
+            finished = False
+            break
+        t0 = time.perf_counter()
         x, mask = random_crops(clips, g, batch, frames, crop, boxes=boxes, mouth_p=mouth_p, ref_p=ref_p)
         mu, logvar = vae.encode_moments(x, chunked=False)
         # The DiT only ever sees mu (the official encode drops log_var), so sampling the posterior is optional;
@@ -126,28 +287,32 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         for group in opt.param_groups:  # cosine decay over the run
             frac = (step - start) / max(steps - start, 1)
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            ramp = min(1.0, (step - start + 1) / warmup) if warmup > 0 else 1.0
+            group["lr"] = ramp * lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         opt.step()
         step += 1
+        train_s += time.perf_counter() - t0
         bar.update(1)
         if step % 20 == 0:
             rec_psnr = -10 * torch.log10(F.mse_loss(rec.detach().clamp(-1, 1), x) / 4).item()
-            logf.write(json.dumps({"step": step, "loss": loss.item(), "psnr": rec_psnr,
-                                   "t": time.perf_counter() - t0}) + "\n")
+            logf.write(json.dumps({"step": step, "loss": loss.item(), "psnr": rec_psnr, "t": train_s}) + "\n")
             logf.flush()
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{rec_psnr:.1f}")
         if step % ckpt_every == 0 or step == steps:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "config": json.dumps(dataclasses.asdict(cfg))}, tmp)
-            tmp.replace(ckpt_path)
+            save()
+        if held is not None and train_s >= next_eval:
+            measure()
+            next_eval += eval_every_s
     bar.close()
-    if not finalize:
-        return cfg
+    save()
+    if held is not None and not finished:
+        measure()
+    if not finalize or not finished:
+        return cfg, finished
     mean, std = measure_latent_stats(vae.eval(), clips)
     final = dataclasses.replace(cfg, mean=tuple(round(m, 5) for m in mean), std=tuple(round(s, 5) for s in std))
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"),
               metadata={"config": json.dumps(dataclasses.asdict(final))})
-    return final
+    return final, True
