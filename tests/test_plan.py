@@ -16,7 +16,7 @@ from wanmoe.backends import use_mode
 from wanmoe.configs import get_preset
 from wanmoe.memory import plan_policy as pp
 from wanmoe.memory.offload import OffloadFlags
-from wanmoe.memory.plan import GB, LiveBytes, Residency, activation_peak, official_peak_gb, plan_memory, trace
+from wanmoe.memory.plan import GB, LiveBytes, Residency, activation_peak, plan_memory, trace
 from wanmoe.models.dit import DIT_PRESETS, DiT
 from wanmoe.models.vae import VAE_TINY
 from wanmoe.request import InputError, make_options, make_request
@@ -110,6 +110,39 @@ def test_trace_flops_equal_flop_counter_on_the_real_math_path():
     assert t.shape == (1, 16, 2, 8, 8)
 
 
+@pytest.mark.parametrize("task", ["t2v-tiny", "s2v-tiny"])
+def test_repeated_calls_are_counted_not_rerun(task):
+    """Skipping the repeats of a block (same signature) gives the full trace's peak and FLOPs exactly."""
+    import dataclasses
+
+    from wanmoe.memory.plan import _dit_inputs
+
+    cfg = get_preset(task)
+    s2v = {"s2v": dataclasses.replace(cfg.dit.s2v, audio_inject_layers=(0, 2))} if cfg.dit.s2v else {}
+    cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, num_layers=4, **s2v))
+    with torch.device("meta"):
+        dit = DiT(cfg.dit).to(torch.bfloat16)
+    run = _dit_inputs(cfg, cfg.infer_frames if s2v else 5, 64, 64, batch=2)
+    for chunk in (None, 7):  # whole sequence, and token chunks (the block returns its input, updated in place)
+        dit.token_chunk = chunk
+        full = trace(lambda: run(dit))
+        assert trace(lambda: run(dit), repeats=[(b, "forward") for b in dit.blocks]) == full
+
+
+def test_repeated_vae_tiles_are_counted_not_rerun():
+    from wanmoe.models.vae import WanVAE
+    from wanmoe.models.vae_tiling import Tiling
+
+    with torch.device("meta"):
+        vae = WanVAE(VAE_TINY)
+    vae.tiling = Tiling(tile=4, overlap=1)
+    tiles = [(vae, "_decode"), (vae, "_moments")]
+    for fn in (lambda: vae.decode(torch.empty(1, 16, 2, 6, 8, device="meta")),  # 2 x 3 tiles
+               lambda: vae.encode(torch.empty(1, 3, 5, 48, 64, device="meta"))):
+        full = trace(fn, flops=False)
+        assert trace(fn, flops=False, repeats=tiles) == full and full.peak > 0
+
+
 def test_phases_follow_the_residency():
     cfg = tiny_cfg()
     off = plan_memory(cfg, "64*64", OffloadFlags(offload_model=True))
@@ -164,9 +197,9 @@ def test_int8_weights_are_the_quantized_state_dict():
 
 def test_official_lookup():
     flags = OffloadFlags(offload_model=True, convert_model_dtype=True)
-    assert official_peak_gb("t2v-A14B", "1280*720", flags) == 59.8
-    assert official_peak_gb("t2v-A14B", "720*1280", flags) == 59.8
-    assert official_peak_gb("t2v-A14B", "1280*720", OffloadFlags()) is None
+    assert pp.official_peak_gb("t2v-A14B", "1280*720", flags) == 59.8
+    assert pp.official_peak_gb("t2v-A14B", "720*1280", flags) == 59.8
+    assert pp.official_peak_gb("t2v-A14B", "1280*720", OffloadFlags()) is None
 
 
 def test_every_official_task_plans_under_every_policy(official):

@@ -41,27 +41,10 @@ from torch.utils._pytree import tree_flatten
 from wanmoe import numerics
 from wanmoe.memory.offload import OffloadFlags
 
-__all__ = ["LiveBytes", "Trace", "trace", "activation_peak", "Residency", "MemoryPlan", "plan_memory",
-           "official_peak_gb", "OFFICIAL_1GPU_GB", "FLAG_SETS", "format_rows", "main"]
+__all__ = ["GB", "LiveBytes", "Trace", "trace", "activation_peak", "Residency", "MemoryPlan", "plan_memory",
+           "denoise_peak", "main"]
 
 GB = 1e9
-# Official single-GPU peaks (GB), --offload_model True --convert_model_dtype, H100, as the Wan2.2 project publishes
-# them in its computational-efficiency table. S2V has no published figure ("at least 80GB").
-OFFICIAL_1GPU_GB: dict[tuple[str, str], float] = {
-    ("t2v-A14B", "1280*720"): 59.8, ("t2v-A14B", "832*480"): 41.3,
-    ("i2v-A14B", "1280*720"): 59.7, ("i2v-A14B", "832*480"): 41.0,
-}
-
-
-def official_peak_gb(task: str, size: str, flags: OffloadFlags) -> float | None:
-    """The official measurement for this row, if one exists (sizes compare as an unordered pair)."""
-    if not (flags.offload_model and flags.convert_model_dtype and not flags.t5_cpu):
-        return None
-    w, h = size.split("*")
-    for (t, s), v in OFFICIAL_1GPU_GB.items():
-        if t.lower() == task.lower() and sorted(s.split("*")) == sorted((w, h)):
-            return v
-    return None
 
 
 class LiveBytes(TorchDispatchMode):
@@ -134,18 +117,85 @@ class Trace:
     shape: tuple[int, ...]  # of its output
 
 
-def trace(fn: Callable[[], Tensor], *, flops: bool = True) -> Trace:
+def _signature(v: object) -> object:
+    if isinstance(v, Tensor):
+        return ("T", tuple(v.shape), tuple(v.stride()), v.dtype)
+    if isinstance(v, (tuple, list)):
+        return tuple(_signature(x) for x in v)
+    return v if isinstance(v, (int, float, str, bool, type(None), torch.dtype)) else ("id", id(v))
+
+
+@contextlib.contextmanager
+def _repeats(tracker: LiveBytes, flops: Callable[[], int], extra: list[int],
+             methods: Sequence[tuple[object, str]]) -> Iterator[None]:
+    """Within a trace, a call of one of these methods (the DiT's blocks, the VAE's per-tile decode and encode) with
+    inputs of a signature seen before is not run again: on meta tensors it would allocate and count exactly what
+    the first call did. Its outputs are allocated with the recorded shapes (or are the input they aliased), the
+    peak rises by the recorded high-water mark above the call's entry, and extra[0] gets its FLOPs."""
+    seen: dict[tuple, tuple[int, int, bool, list]] = {}
+
+    def wrap(owner: object, fn: Callable) -> Callable:
+        state = getattr(owner, "state_dict", dict)()
+        sig = type(owner), tuple((k, tuple(t.shape), t.dtype) for k, t in state.items())
+
+        def call(*args: object, **kwargs: object) -> object:
+            flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
+            key = (sig, _signature(args), _signature(sorted(kwargs.items())))
+            if key in seen:
+                rise, nflops, single, outs = seen[key]
+                tracker.peak = max(tracker.peak, tracker.live + rise)
+                extra[0] += nflops
+                made = [flat[src].as_strided(shape, stride, offset) if src is not None else
+                        torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+                        for src, shape, stride, offset, dtype in outs]
+                return made[0] if single else tuple(made)
+            entry, before, f0 = tracker.live, tracker.peak, flops()
+            tracker.peak = entry  # the call's own high-water mark, above what was live when it started
+            out = fn(*args, **kwargs)
+            rise = tracker.peak - entry
+            tracker.peak = max(before, tracker.peak)
+            single = isinstance(out, Tensor)
+            stores = [a.untyped_storage()._cdata for a in flat]
+            outs = []
+            for o in [out] if single else out:
+                k = o.untyped_storage()._cdata
+                src = stores.index(k) if k in stores else None  # an input returned (or a view of one)
+                outs.append((src, tuple(o.shape), tuple(o.stride()), o.storage_offset(), o.dtype))
+            seen[key] = (rise, flops() - f0, single, outs)
+            return out
+
+        return call
+
+    patched = []
+    for owner, name in methods:
+        if hasattr(owner, name):
+            patched.append((owner, name, owner.__dict__.get(name)))
+            setattr(owner, name, wrap(owner, getattr(owner, name)))
+    try:
+        yield
+    finally:
+        for owner, name, before in patched:
+            if before is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, before)
+
+
+def trace(fn: Callable[[], Tensor], *, flops: bool = True, repeats: Sequence[tuple[object, str]] = ()) -> Trace:
     """Run fn on meta tensors (its inputs must be created inside fn): activation peak, FLOPs (0 unless `flops`:
-    the counter doubles the cost of a trace), output shape."""
+    the counter doubles the cost of a trace), output shape. `repeats`: (object, method name) pairs whose calls
+    with a signature seen before are not run again (`_repeats`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    attn = [0]
-    counter = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
-    with torch.no_grad(), _fused_attention(attn), LiveBytes() as tracker, counter:
-        out = fn()
+    attn, extra = [0], [0]
+    counter = FlopCounterMode(display=False) if flops else None
+    count = (lambda: counter.get_total_flops() + attn[0]) if counter is not None else (lambda: 0)
+    with torch.no_grad(), _fused_attention(attn), LiveBytes() as tracker, counter or contextlib.nullcontext():
+        with _repeats(tracker, count, extra, repeats):
+            out = fn()
         shape = tuple(out.shape)
         del out
-    return Trace(tracker.peak, int(counter.get_total_flops()) + attn[0] if flops else 0, shape)
+    return Trace(tracker.peak, count() + extra[0] if flops else 0, shape)
 
 
 def activation_peak(fn: Callable[[], object]) -> int:
@@ -306,11 +356,13 @@ def _vae_traces(cfg, vae: nn.Module, frames: int, w: int, h: int, key: tuple,  #
             return out
         return vae.encode(torch.empty(1, 3, s2v.motion_frames, h, w, device="meta"))  # with `out` alive
 
-    dec = _cached(cache, ("vae-decode", *key), lambda: trace(decode, flops=False))
+    tiles = [(vae, "_decode"), (vae, "_moments")]  # one tile's decode/encode (WanVAE with tiling)
+    dec = _cached(cache, ("vae-decode", *key), lambda: trace(decode, flops=False, repeats=tiles))
     enc = None
     if cfg.modality == "i2v":
         enc = _cached(cache, ("vae-encode-i2v", *key),
-                      lambda: trace(lambda: vae.encode(torch.empty(1, 3, frames, h, w, device="meta")), flops=False))
+                      lambda: trace(lambda: vae.encode(torch.empty(1, 3, frames, h, w, device="meta")), flops=False,
+                                    repeats=tiles))
     return dec, enc
 
 
@@ -339,7 +391,7 @@ def plan_memory(cfg, size: str, flags: OffloadFlags | Residency, *, frames: int 
     batch = res.passes if res.batch_cfg else 1
     runner = _dit_inputs(cfg, frames, w, h, batch)
     dit_key = ("dit", cfg.task, size, frames, str(dit_dtype), res.int8, res.frugal, batch)
-    dit_t = _cached(cache, dit_key, lambda: trace(lambda: runner(dit)))
+    dit_t = _cached(cache, dit_key, lambda: trace(lambda: runner(dit), repeats=[(b, "forward") for b in dit.blocks]))
     # VAE traces depend on the VAE, the latent and the knobs only (T2V and I2V share their decode).
     dec_t, enc_t = _vae_traces(cfg, vae, frames, w, h, (cfg.vae, cfg.dit.s2v, size, frames, res.frugal), cache)
     t5_gpu = 0 if res.t5_cpu else weights["text_encoder"]
@@ -384,32 +436,8 @@ def _text_encoder(cfg) -> nn.Module | None:  # noqa: ANN001
     return cls(conf()) if cls is not None and conf is not None else None
 
 
-FLAG_SETS: dict[str, OffloadFlags] = {
-    "offload+bf16": OffloadFlags(offload_model=True, convert_model_dtype=True),
-    "offload+bf16+t5_cpu": OffloadFlags(offload_model=True, convert_model_dtype=True, t5_cpu=True),
-    "offload": OffloadFlags(offload_model=True),
-    "resident+bf16": OffloadFlags(offload_model=False, convert_model_dtype=True),
-}
-
-
 def denoise_peak(p: MemoryPlan) -> int:
     return max(v for k, v in p.phases.items() if k.startswith("denoise:"))
-
-
-def format_rows(plans: Sequence[MemoryPlan]) -> str:
-    """The official flag sets, one row each, beside the official measurement where one exists."""
-    head = (f"{'task':10s} {'size':9s} {'frames':>6s} {'flags':20s} {'tokens':>7s} {'weights GB':>10s} "
-            f"{'text':>6s} {'denoise':>8s} {'decode':>7s} {'peak GB':>8s} {'official GB':>11s}")
-    lines = [head, "-" * len(head)]
-    for p in plans:
-        flags = p.flags if isinstance(p.flags, OffloadFlags) else None
-        name = next((k for k, v in FLAG_SETS.items() if v == flags), str(p.flags))
-        off = official_peak_gb(p.task, p.size, flags) if flags is not None else None
-        lines.append(
-            f"{p.task:10s} {p.size:9s} {p.frames:6d} {name:20s} {p.tokens:7d} {sum(p.weights.values()) / GB:10.1f} "
-            f"{p.phases['text'] / GB:6.1f} {denoise_peak(p) / GB:8.1f} {p.phases['decode'] / GB:7.1f} "
-            f"{p.peak / GB:8.1f} {'' if off is None else f'{off:.1f}':>11s}")
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,19 +29,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from wanmoe.memory.plan import (
-    FLAG_SETS,
-    GB,
-    MemoryPlan,
-    Residency,
-    denoise_peak,
-    format_rows,
-    plan_memory,
-)
+from wanmoe.memory.offload import OffloadFlags
+from wanmoe.memory.plan import GB, MemoryPlan, Residency, denoise_peak, plan_memory
 
 __all__ = ["POLICIES", "DEFAULT_ROWS", "PCIE4_X16_GB_S", "RTX4090_BF16_TFLOPS", "ACHIEVED_FRACTION", "STREAM_AHEAD",
            "Assumptions", "Cost", "Choice", "DoesNotFit", "residency", "candidates", "streaming_cost",
-           "choose_policy", "plan_json", "format_policy_rows", "main"]
+           "choose_policy", "plan_json", "format_policy_rows", "FLAG_SETS", "OFFICIAL_1GPU_GB", "official_peak_gb",
+           "format_rows", "main"]
 
 # Host -> device bandwidth, GB/s: PCIe 4.0 x16 moves 31.5 GB/s raw per direction; pinned copies reach about 25
 # (the figure issue 13 states for consumer boards).
@@ -64,6 +58,49 @@ POLICIES: dict[str, Residency] = {
     "stream+int8": Residency("stream", int8=True, t5_cpu=True, batch_cfg=True),
 }
 DEFAULT_ROWS = ("resident", "offload", "stream", "stream+int8")
+
+
+# Official single-GPU peaks (GB), --offload_model True --convert_model_dtype, H100, as the Wan2.2 project publishes
+# them in its computational-efficiency table. S2V has no published figure ("at least 80GB").
+OFFICIAL_1GPU_GB: dict[tuple[str, str], float] = {
+    ("t2v-A14B", "1280*720"): 59.8, ("t2v-A14B", "832*480"): 41.3,
+    ("i2v-A14B", "1280*720"): 59.7, ("i2v-A14B", "832*480"): 41.0,
+}
+
+
+def official_peak_gb(task: str, size: str, flags: OffloadFlags) -> float | None:
+    """The official measurement for this row, if one exists (sizes compare as an unordered pair)."""
+    if not (flags.offload_model and flags.convert_model_dtype and not flags.t5_cpu):
+        return None
+    w, h = size.split("*")
+    for (t, s), v in OFFICIAL_1GPU_GB.items():
+        if t.lower() == task.lower() and sorted(s.split("*")) == sorted((w, h)):
+            return v
+    return None
+
+
+FLAG_SETS: dict[str, OffloadFlags] = {
+    "offload+bf16": OffloadFlags(offload_model=True, convert_model_dtype=True),
+    "offload+bf16+t5_cpu": OffloadFlags(offload_model=True, convert_model_dtype=True, t5_cpu=True),
+    "offload": OffloadFlags(offload_model=True),
+    "resident+bf16": OffloadFlags(offload_model=False, convert_model_dtype=True),
+}
+
+
+def format_rows(plans: Sequence[MemoryPlan]) -> str:
+    """The official flag sets, one row each, beside the official measurement where one exists."""
+    head = (f"{'task':10s} {'size':9s} {'frames':>6s} {'flags':20s} {'tokens':>7s} {'weights GB':>10s} "
+            f"{'text':>6s} {'denoise':>8s} {'decode':>7s} {'peak GB':>8s} {'official GB':>11s}")
+    lines = [head, "-" * len(head)]
+    for p in plans:
+        flags = p.flags if isinstance(p.flags, OffloadFlags) else None
+        name = next((k for k, v in FLAG_SETS.items() if v == flags), str(p.flags))
+        off = official_peak_gb(p.task, p.size, flags) if flags is not None else None
+        lines.append(
+            f"{p.task:10s} {p.size:9s} {p.frames:6d} {name:20s} {p.tokens:7d} {sum(p.weights.values()) / GB:10.1f} "
+            f"{p.phases['text'] / GB:6.1f} {denoise_peak(p) / GB:8.1f} {p.phases['decode'] / GB:7.1f} "
+            f"{p.peak / GB:8.1f} {'' if off is None else f'{off:.1f}':>11s}")
+    return "\n".join(lines)
 
 
 class DoesNotFit(ValueError):
