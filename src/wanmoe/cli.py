@@ -107,6 +107,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                       help="run the conditional and unconditional passes on two rank groups (world = 2 x ulysses_size)")
     ours.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     ours.add_argument("--int8", action="store_true", help="weight-only int8 experts")
+    ours.add_argument("--vram_gb", type=float, default=None,
+                      help="GPU memory budget in GB (tensor bytes; on a 24 GB card about 22): run the fastest "
+                           "residency policy the planner predicts to fit (resident > offload > stream > stream+int8) "
+                           "or refuse before loading; CUDA only (`wanmoe plan --vram_gb N` shows the choice)")
     ours.add_argument("--compile", action="store_true",
                       help="torch.compile each expert (compiles on first use; docs/performance.md says when it pays)")
     ours.add_argument("--tts_voice", default=None, help="s2v: espeak-ng voice for --tts_text (default: espeak-ng's)")
@@ -134,7 +138,7 @@ FLAGS = {
     "convert_model_dtype": "--convert_model_dtype", "ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel",
     "dit_fsdp": "--dit_fsdp", "t5_fsdp": "--t5_fsdp", "save_file": "--save_file", "model": "--task",
     "cache": "--cache", "cache_max_skips": "--cache_max_skips", "batch_cfg": "--batch_cfg", "compile": "--compile",
-    "tts_text": "--tts_text", "tts_voice": "--tts_voice", "lora": "--lora",
+    "tts_text": "--tts_text", "tts_voice": "--tts_voice", "lora": "--lora", "vram_gb": "--vram_gb",
 }
 TTS_CLOUD = ("needs the official CosyVoice voice-cloning model, which is fetched from the cloud; wanmoe downloads "
              "nothing and speaks --tts_text with espeak-ng (pick a voice with --tts_voice)")
@@ -235,7 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype, int8=args.int8,
                             compile=args.compile,
                             ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel, dit_fsdp=args.dit_fsdp,
-                            t5_fsdp=args.t5_fsdp, world=world)
+                            t5_fsdp=args.t5_fsdp, world=world, vram_gb=args.vram_gb, plan_for=req)
         inputs = read_inputs(cfg, image=args.image, audio=args.audio, pose_video=args.pose_video,
                              tts_text=args.tts_text, tts_voice=args.tts_voice)
         for spec in args.lora or ():  # syntax, expert names, then the file's keys and shapes (header only)
