@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=0,
                    help="vae: held-out whole clips measured during training (OUT/vae/vae_heldout.jsonl; 0: none)")
     p.add_argument("--eval_every", type=float, default=120.0, help="vae: seconds of training between measurements")
-    p.add_argument("--warmup", type=int, default=0, help="vae: linear learning-rate warm-up steps at each phase start")
+    p.add_argument("--device", default="cpu", help="vae: where to train (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="vae: linear learning-rate warm-up steps when training starts without optimizer state "
+                        "(scratch or --vae_init)")
     p.add_argument("--dest", type=Path, default=None, help="export: destination folder")
     p.add_argument("--init", type=Path, default=None,
                    help="expert: start from this checkpoint's EMA weights (e.g. runs/mini/experts/high.pt)")
@@ -197,6 +200,8 @@ def vae_stage(cfg: PipelineConfig, a: argparse.Namespace, progress: bool) -> Non
     from wanmoe.train.vae_train import HeldOut, cat_clips, train_vae
 
     vcfg = vae_config(cfg, a)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {a.device}: CUDA is not available here (use --device cpu)")
     files = [Path(f) for f in a.clips.split(",")] if a.clips else [a.out / "clips.pt"]
     clips = cat_clips([load_clips(f) for f in files])
     phases = [ph.split(":") for ph in a.phases.split(",")]
@@ -215,7 +220,7 @@ def vae_stage(cfg: PipelineConfig, a: argparse.Namespace, progress: bool) -> Non
             lr=float(ph[4]), sample_posterior="sample" in flags, mouth_p=0.6 if mouth else 0.0,
             mouth_weight=4.0 if mouth else 0.0, ref_p=0.5 if mouth else 0.3, ckpt_every=50, progress=progress,
             finalize=k == len(phases) - 1, init=a.vae_init, deadline=deadline, held=held,
-            eval_every_s=a.eval_every, warmup=a.warmup)
+            eval_every_s=a.eval_every, warmup=a.warmup, device=a.device)
         if not finished:
             log.info("vae: stopped at --max_minutes in phase %d; run the same command again to resume", k + 1)
             return

@@ -121,7 +121,7 @@ def heldout_psnr(vae: WanVAE, held: HeldOut, *, late_from: int = 40, chunked: bo
     the mouth box over all frames ("mouth"); the reference frame is encoded (S2V layout) but not scored."""
     res: dict[str, list[float]] = {"all": [], "late": [], "mouth": []}
     for i in range(len(held.seeds)):
-        x = held.pixels[i : i + 1]  # (1, 3, 1 + T, Hp, Wp)
+        x = held.pixels[i : i + 1].to(vae.conv1.weight.device)  # (1, 3, 1 + T, Hp, Wp)
         rec = vae.decode(vae.encode(x, chunked=chunked), chunked=chunked)[:, :, 1:]  # (1, 3, T, Hp, Wp)
         v = x[:, :, 1:]
         y0, y1, x0, x1 = held.boxes[i]
@@ -194,13 +194,16 @@ def load_init(vae: WanVAE, path: Path) -> None:
     # The latent stats need no folding: training feeds the raw mu to decode() with stats (0, 1), and the trained
     # model's decode(normalised z) computes conv2(z * std + mean) = conv2(raw mu), the same function.
     z_old = int(meta["z_dim"])
-    vae.load_state_dict(widen_latent(state, vae.state_dict(), z_old, vae.cfg.z_dim))
+    cur = {k: v.cpu() for k, v in vae.state_dict().items()}
+    vae.load_state_dict(widen_latent(state, cur, z_old, vae.cfg.z_dim))
 
 
 @torch.no_grad()
 def measure_latent_stats(vae: WanVAE, clips: ClipSet, n: int = 16) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of the raw posterior mean over `n` full clips."""
-    mus = [vae.encode_moments(clips.video_float(i)[None], chunked=False)[0] for i in range(min(n, len(clips)))]
+    dev = vae.conv1.weight.device
+    mus = [vae.encode_moments(clips.video_float(i)[None].to(dev), chunked=False)[0].cpu()
+           for i in range(min(n, len(clips)))]
     mu = torch.cat([m.transpose(0, 1).flatten(1) for m in mus], dim=1)  # (z, N)
     return mu.mean(1).tolist(), mu.std(1).clamp_min(1e-3).tolist()
 
@@ -210,7 +213,7 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
               progress: bool = True, sample_posterior: bool = False, finalize: bool = True, mouth_p: float = 0.0,
               mouth_weight: float = 0.0, ref_p: float = 0.3, init: Path | None = None,
               deadline: float | None = None, held: HeldOut | None = None, eval_every_s: float = 120.0,
-              warmup: int = 0) -> tuple[VAEConfig, bool]:
+              warmup: int = 0, device: str | torch.device = "cpu") -> tuple[VAEConfig, bool]:
     """Flat loop: sample crops -> encode -> reparameterise -> decode -> loss -> step; resumable from out/vae_ckpt.pt.
 
     ``mouth_p``/``mouth_weight``: over-sample mouth-centred crops and add ``mouth_weight`` x the L1 loss inside
@@ -220,25 +223,30 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
     ``init``: a trained VAE to start from when no checkpoint exists yet (`load_init`). ``deadline`` (a
     ``time.time()`` value): checkpoint and stop there; returns (config, finished). ``held``: held-out clips
     measured every ``eval_every_s`` seconds of training (wall time not counting the measurement) into
-    out/vae_heldout.jsonl. ``warmup``: the learning rate ramps up linearly over the phase's first steps (a
-    fresh AdamW's first updates are lr-sized on every weight, which undoes much of a warm start)."""
+    out/vae_heldout.jsonl. ``warmup``: the learning rate ramps up linearly over the first steps of a run that
+    starts without optimizer state (a fresh AdamW's first updates are lr-sized on every weight, which undoes much
+    of a warm start); a phase resuming a checkpoint keeps its AdamW state and needs none. ``device``: where the
+    model and each batch of crops live (the clips stay in host memory as uint8); checkpoints load on any device."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "vae_ckpt.pt"
     torch.manual_seed(seed)
     vae = WanVAE(cfg)
+    if init is not None and not ckpt_path.exists():
+        load_init(vae, init)
+        log.info("VAE starts from %s", init)
+    vae = vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     step, train_s, cosine_start = 0, 0.0, None
+    ramp_from = 0 if warmup > 0 else -1  # the step the warm-up began at (-1: none); only a fresh AdamW needs one
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         vae.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, train_s = int(ck["step"]), float(ck.get("train_s", 0.0))
-        if ck.get("cosine_end") == steps:  # resuming an interrupted phase: continue its cosine, do not restart it
-            cosine_start = int(ck["cosine_start"])
+        ramp_from = -1
+        if ck.get("cosine_end") == steps:  # resuming an interrupted phase: continue its cosine (and warm-up)
+            cosine_start, ramp_from = int(ck["cosine_start"]), int(ck.get("ramp_from", -1))
         log.info("resumed VAE training at step %d", step)
-    elif init is not None:
-        load_init(vae, init)
-        log.info("VAE starts from %s", init)
     g = torch.Generator().manual_seed(seed + step)
     start = step if cosine_start is None else cosine_start
     boxes = mouth_boxes(clips) if (mouth_p > 0 or mouth_weight > 0) else None
@@ -248,7 +256,7 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
-                    "cosine_start": start, "cosine_end": steps,
+                    "cosine_start": start, "cosine_end": steps, "ramp_from": ramp_from,
                     "config": json.dumps(dataclasses.asdict(cfg))}, tmp)
         tmp.replace(ckpt_path)
 
@@ -270,6 +278,7 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
             break
         t0 = time.perf_counter()
         x, mask = random_crops(clips, g, batch, frames, crop, boxes=boxes, mouth_p=mouth_p, ref_p=ref_p)
+        x, mask = x.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         mu, logvar = vae.encode_moments(x, chunked=False)
         # The DiT only ever sees mu (the official encode drops log_var), so sampling the posterior is optional;
         # the deterministic path converges much faster on CPU budgets.
@@ -287,7 +296,7 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         for group in opt.param_groups:  # cosine decay over the run
             frac = (step - start) / max(steps - start, 1)
-            ramp = min(1.0, (step - start + 1) / warmup) if warmup > 0 else 1.0
+            ramp = min(1.0, (step - ramp_from + 1) / warmup) if ramp_from >= 0 else 1.0
             group["lr"] = ramp * lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         opt.step()
         step += 1
@@ -313,6 +322,6 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
     final = dataclasses.replace(cfg, mean=tuple(round(m, 5) for m in mean), std=tuple(round(s, 5) for s in std))
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"),
+    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"),
               metadata={"config": json.dumps(dataclasses.asdict(final))})
     return final, True
