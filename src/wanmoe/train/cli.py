@@ -71,20 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("stage", choices=["clips", "vae", "latents", "expert", "export", "lora", "distill"])
     p.add_argument("--task", default="s2v-mini", choices=[k for k, v in PRESETS.items() if v.text_encoder == "byte"])
     p.add_argument("--out", type=Path, default=Path("runs/mini"))
-    p.add_argument("--n", type=int, default=None, help="clips: how many training clips (default 240; lora: 48)")
+    p.add_argument("--n", type=int, default=None,
+                   help="clips: how many training clips (default 240; lora: 48; distill: 96 teacher runs)")
     p.add_argument("--start", type=int, default=0, help="clips: first training-split seed")
     p.add_argument("--speech", default="synthetic", choices=["synthetic", "espeak"],
                    help="clips: procedural speech-like audio, or real espeak-ng sentences")
     p.add_argument("--latents", default=None,
                    help="expert: comma list of latent files to train on together (default: OUT/latents.pt)")
-    p.add_argument("--steps", type=int, default=None, help="vae/expert: total optimisation steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="vae/expert: total optimisation steps (lora: 600; distill: 1200 per expert)")
     p.add_argument("--expert", default="high",
                    help="expert/lora: high | low, or dense (expert: the single-expert baseline)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (train experts side by side, one each)")
     p.add_argument("--max_minutes", type=float, default=None,
-                   help="expert/vae: stop (and checkpoint) after this long; a later run resumes")
+                   help="expert/vae/lora/distill (distill: per expert): stop (and checkpoint) after this long; "
+                        "a later run resumes")
     p.add_argument("--phases", default="1800:5:48:4:6e-4,2400:49:24:2:4e-4",
                    help="vae: end_step:frames:crop:batch:lr[:sample][:mouth] per phase, each resuming the previous "
                         "(sample: draw from the posterior; mouth: over-sample mouth crops with a lip-region loss)")
@@ -112,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mouth_weight", type=float, default=0.0,
                    help="expert: extra loss weight on the latent cells over the mouth (lip-region loss)")
     p.add_argument("--attribute", default="green", help="lora: the face colour the LoRA paints every face in")
-    p.add_argument("--rank", type=int, default=8, help="lora: rank of each adapted Linear")
-    p.add_argument("--eval_n", type=int, default=6, help="lora: held-out avatars measured after training (0: none)")
+    p.add_argument("--rank", type=int, default=8, help="lora/distill: rank of each adapted Linear")
+    p.add_argument("--eval_n", type=int, default=6,
+                   help="lora/distill: held-out avatars measured after training (0: none)")
     p.add_argument("--steps_fast", type=int, default=2, help="distill: the student's steps (a divisor of 20)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CI)")
     p.add_argument("--quiet", action="store_true")
