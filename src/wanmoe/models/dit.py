@@ -28,6 +28,7 @@ from .layers import (
     Conv3d,
     LayerNorm32,
     Linear,
+    apply_rope,
     grid_positions,
     linear_fp32,
     rope_table,
@@ -93,9 +94,45 @@ def tiny(cfg: DiTConfig) -> DiTConfig:
 DIT_PRESETS.update({f"{k}-tiny": tiny(v) for k, v in list(DIT_PRESETS.items())})
 
 
-def _pick(m: Tensor, seg: Tensor | None) -> Tensor:
-    # m (B, Le, D). With seg (1, L, 1) bool, Le == 2: level 0 for noisy tokens, level 1 (t = 0) for the rest.
-    return m if seg is None else torch.where(seg, m[:, 0:1], m[:, 1:2])
+# Which row of a small timestep table each token uses, with no per-token copy of the table (spec: the reference
+# builds (B, L, 6, D) fp32 per forward): None = row 0 for every token; an int n = row 0 before token n and row 1
+# from n on (S2V: ref/motion tokens at t = 0); a (B|1, L) long tensor = a row per token (per-token t).
+
+def _pieces(rows: int | Tensor | None, a: int, b: int) -> list[tuple[int, int, slice | Tensor]]:
+    """Tokens [a, b) as (lo, hi, sel) runs that share one row selector: a row slice, or a (B|1, hi-lo) index."""
+    if rows is None:
+        return [(a, b, slice(0, 1))]
+    if isinstance(rows, int):
+        runs = ((a, min(b, rows), slice(0, 1)), (max(a, rows), b, slice(1, 2)))
+        return [r for r in runs if r[0] < r[1]]
+    return [(a, b, rows[:, a:b])]
+
+
+def _param(table: Tensor, sel: slice | Tensor, k: int) -> Tensor:
+    # table (Bt, R, K, D) fp32 -> parameter k of the selected rows: (Bt, 1, D) for a slice, (B, n, D) gathered.
+    if isinstance(sel, slice):
+        return table[:, sel, k]
+    rows = torch.arange(table.shape[0], device=sel.device)[:, None]  # (Bt, 1): broadcasts against sel (B|1, n)
+    return table[:, :, k][rows, sel]
+
+
+def _modulate(n: Tensor, table: Tensor, pieces: list, a: int, shift: int, scale: int) -> Tensor:
+    """n * (1 + scale) + shift over the runs of tokens [a, ...) that n (B, c, D) holds; fp32."""
+    parts = [
+        n[:, lo - a : hi - a] * (1 + _param(table, sel, scale)) + _param(table, sel, shift) for lo, hi, sel in pieces
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _gated_add(x: Tensor, y: Tensor, table: Tensor, pieces: list, a: int, gate: int) -> Tensor:
+    """x + y * gate in fp32 (the gated residual add) over the runs of tokens x (B, c, D) holds."""
+    parts = [x[:, lo - a : hi - a] + y[:, lo - a : hi - a].float() * _param(table, sel, gate) for lo, hi, sel in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _spans(length: int, chunk: int | None) -> list[tuple[int, int]]:
+    c = length if chunk is None else max(1, chunk)
+    return [(a, min(a + c, length)) for a in range(0, max(length, 1), c)]
 
 
 def _randn_over_sqrt(shape: tuple[int, ...], d: int) -> Tensor:
@@ -129,21 +166,55 @@ class Block(nn.Module):
         *,
         attn_fn: AttnFn = attention,
         k_lens: Tensor | None = None,
-        seg: Tensor | None = None,
+        rows: int | Tensor | None = None,
+        chunk: int | None = None,
     ) -> Tensor:
-        # x (B, L, D) fp32 residual stream; e0 (B, Le, 6, D) fp32 with Le in {1, L} (or 2 with seg);
-        # rope (1, L, D/N/2, 2); context (B, S, D) in compute dtype.
+        # x (B, L, D) fp32 residual stream; e0 (B|1, R, 6, D) fp32 timestep rows, picked per token by `rows`;
+        # rope (1, L, D/N/2, 2); context (B, S, D) in compute dtype. chunk: tokens per pass of the token-local
+        # parts (None = all at once); self-attention always sees the whole (local) sequence.
         # The blocks' float weight dtype, read from a tensor int8 never replaces (an Int8Linear has no .weight).
         wd = self.modulation.dtype
-        mod = self.modulation.float() + e0  # (B, Le, 6, D): modulation table stays fp32
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (_pick(m, seg) for m in mod.unbind(2))
-        h = self.norm1(x) * (1 + scale_sa) + shift_sa
-        y = self.self_attn(h.to(wd), rope=rope, k_lens=k_lens, attn_fn=attn_fn)
-        x = x + y.float() * gate_sa  # gated residual adds in fp32
+        table = self.modulation.float() + e0  # (B|1, R, 6, D): modulation table stays fp32
+        spans = _spans(x.shape[1], chunk)
+        sa = self.self_attn
+        if len(spans) == 1:
+            q, k, v = self._qkv(x, table, _pieces(rows, 0, x.shape[1]), 0, rope, wd)
+        else:
+            # Full-length q, k, v filled chunk by chunk: norms, modulation and projections see one chunk at a time.
+            shape = (*x.shape[:2], sa.num_heads, sa.head_dim)  # (B, L, N, D)
+            q, k, v = (x.new_empty(shape, dtype=wd) for _ in range(3))
+            for a, b in spans:
+                q[:, a:b], k[:, a:b], v[:, a:b] = self._qkv(x[:, a:b], table, _pieces(rows, a, b), a, rope[:, a:b], wd)
+        att = attn_fn(q, k, v, k_lens=k_lens)  # (B, L, N, D)
+        del q, k, v
+        ck, cv = self.cross_attn.project_kv(context)  # (B, S, N, D): text keys once per block, not per chunk
+        if len(spans) == 1:
+            return self._token_local(x, att, table, _pieces(rows, 0, x.shape[1]), ck, cv, 0, wd)
+        # Without autograd the results go straight back into the residual stream; with it into a new tensor
+        # (the norms saved x's chunks for backward).
+        out = x if not torch.is_grad_enabled() else torch.empty_like(x)
+        for a, b in spans:
+            out[:, a:b] = self._token_local(x[:, a:b], att[:, a:b], table, _pieces(rows, a, b), ck, cv, a, wd)
+        return out
+
+    def _qkv(
+        self, x: Tensor, table: Tensor, pieces: list, a: int, rope: Tensor, wd: torch.dtype
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # x (B, c, D) fp32 tokens [a, a + c) -> self-attention q, k, v (B, c, N, D) of the AdaLN-modulated tokens.
+        h = _modulate(self.norm1(x), table, pieces, a, 0, 1).to(wd)
+        q = apply_rope(self.self_attn.project_q(h), rope)
+        k, v = self.self_attn.project_kv(h)
+        return q, apply_rope(k, rope), v
+
+    def _token_local(
+        self, x: Tensor, att: Tensor, table: Tensor, pieces: list, ck: Tensor, cv: Tensor, a: int, wd: torch.dtype
+    ) -> Tensor:
+        # x (B, c, D) fp32 tokens [a, a + c); att (B, c, N, D) their self-attention output.
+        x = _gated_add(x, self.self_attn.o(att.flatten(2)), table, pieces, a, 2)  # gated residual adds in fp32
         # Cross-attention is local to each token (no all-to-all under Ulysses), so it uses the plain backend.
-        x = x + self.cross_attn(self.norm3(x).to(wd), context).float()
-        y = self.ffn((self.norm2(x) * (1 + scale_ff) + shift_ff).to(wd))
-        return x + y.float() * gate_ff
+        x = x + self.cross_attn.attend(self.norm3(x).to(wd), ck, cv).float()
+        y = self.ffn(_modulate(self.norm2(x), table, pieces, a, 3, 4).to(wd))
+        return _gated_add(x, y, table, pieces, a, 5)
 
 
 class Head(nn.Module):
@@ -153,10 +224,20 @@ class Head(nn.Module):
         self.head = Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(_randn_over_sqrt((1, 2, cfg.dim), cfg.dim))
 
-    def forward(self, x: Tensor, e: Tensor) -> Tensor:
-        # x (B, L, D); e (B, Le, D) time embedding (not e0): (shift, scale) = modulation + e; all fp32.
-        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)  # (B, Le, D) each
-        return linear_fp32(self.head, self.norm(x.float()) * (1 + scale) + shift)
+    def forward(self, x: Tensor, e: Tensor, rows: int | Tensor | None = None, chunk: int | None = None) -> Tensor:
+        # x (B, L, D); e (B|1, R, D) time-embedding rows (not e0), picked per token by `rows`;
+        # (shift, scale) = modulation + e; all fp32. Output (B, L, p*q*r*C), chunk tokens at a time.
+        table = self.modulation.float()[:, None] + e[:, :, None]  # (B|1, R, 2, D)
+        spans = _spans(x.shape[1], chunk)
+        out = None
+        for a, b in spans:
+            h = _modulate(self.norm(x[:, a:b].float()), table, _pieces(rows, a, b), a, 0, 1)
+            y = linear_fp32(self.head, h)  # (B, c, p*q*r*C)
+            if len(spans) == 1:
+                return y
+            out = x.new_empty((*x.shape[:2], y.shape[-1]), dtype=y.dtype) if out is None else out
+            out[:, a:b] = y
+        return out
 
 
 class DiT(nn.Module):
@@ -176,6 +257,7 @@ class DiT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg, self.attn_fn, self.seq_parallel = cfg, attn_fn, None
+        self.token_chunk: int | None = None  # see the class docstring; frugal_() sets it
         d = cfg.dim
         self.patch_embedding = Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), Linear(d, d))
@@ -211,17 +293,17 @@ class DiT(nn.Module):
         e0 = linear_fp32(self.time_projection[1], torch.nn.functional.silu(e))
         return e, e0.unflatten(1, (6, self.cfg.dim))
 
-    def _time_per_token(self, t: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        # t (B,) -> e (B, 1, D), e0 (B, 1, 6, D), broadcast over tokens (no (B, L, 6, D) copy);
-        # t (B, L) -> embed only the distinct values, then gather per token.
+    def _time_rows(self, t: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        # t (B,) -> e (B, 1, D), e0 (B, 1, 6, D), one row for every token (no (B, L, 6, D) copy);
+        # t (B, L) -> e (1, P, D), e0 (1, P, 6, D) for the P distinct values, and each token's row (B, L).
         if t.dim() == 1:
             e, e0 = self._time(t)
-            return e[:, None], e0[:, None]
+            return e[:, None], e0[:, None], None
         if t.shape[1] != length:
             raise ValueError(f"per-token t must be (B, L={length}); got {tuple(t.shape)}")
         vals, inv = torch.unique(t, return_inverse=True)
         e, e0 = self._time(vals)
-        return e[inv], e0[inv]  # (B, L, D), (B, L, 6, D)
+        return e[None], e0[None], inv
 
     def _context(self, context: Tensor) -> Tensor:
         b, s, c = context.shape
@@ -265,50 +347,58 @@ class DiT(nn.Module):
         grid = tuple(tok.shape[2:])
         # (B, L, D) f-major token order. Contiguous: the transposed view (strides (D*L, 1, L)) made every
         # residual add and norm of every block read memory with stride L, ~3x the cost of a contiguous add.
-        tok = tok.flatten(2).transpose(1, 2).float().contiguous()
+        # One fp32 copy straight from the conv's output (no intermediate fp32 transposed copy).
+        tok = tok.new_empty((tok.shape[0], math.prod(grid), tok.shape[1]), dtype=torch.float32).copy_(
+            tok.flatten(2).transpose(1, 2)
+        )
         n_video = tok.shape[1]
 
-        seg, st = None, None
+        st = None
         if s2v is not None:
             st = s2v_tokens(self, cfg.s2v, x, tok, grid, s2v)
             tok, pos = st.tokens, st.positions
             if cfg.s2v.zero_timestep:
                 e_all, e0_all = self._time(torch.cat([t, t.new_zeros(1)]))
-                e = e_all[:-1, None]  # (B, 1, D): the head only sees noisy tokens
+                e, e_rows = e_all[:-1, None], None  # (B, 1, D): the head only sees noisy tokens
                 e0 = torch.stack([e0_all[:-1], e0_all[-1:].expand(t.shape[0], -1, -1)], dim=1)  # (B, 2, 6, D)
-                seg = (torch.arange(tok.shape[1], device=tok.device) < st.num_noisy)[None, :, None]  # (1, L, 1)
+                rows = st.num_noisy  # row 0 (t) for the noisy tokens, row 1 (t = 0) for ref/motion
             else:
-                e, e0 = self._time_per_token(t, n_video)
+                e, e0, rows = self._time_rows(t, n_video)
+                e_rows = rows
         else:
             pos = grid_positions(*grid, device=tok.device)
-            e, e0 = self._time_per_token(t, n_video)
+            e, e0, rows = self._time_rows(t, n_video)
+            e_rows = rows
         rope = rope_table(pos, cfg.head_dim, dtype=self.ROPE_DTYPE)[None]  # (1, L, D/N/2, 2)
         ctx = self._context(context)
 
-        length, k_lens = tok.shape[1], None
+        length, k_lens, chunk = tok.shape[1], None, self.token_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"token_chunk must be None or a positive int; got {chunk!r}")
         sp = self.seq_parallel
         if sp is not None:
             # Shard the token stream and every per-token tensor; attention gets the global valid length so
-            # the padding added by shard() is masked after Ulysses' all-to-all.
+            # the padding added by shard() is masked after Ulysses' all-to-all. A shard's offset is not known
+            # here, so S2V's row boundary becomes a per-token row index; padded tokens' rows are clamped.
             tok, rope = sp.shard(tok, 1), sp.shard(rope, 1)
-            e0_blk = sp.shard(e0, 1) if e0.shape[1] == length else e0
-            seg = None if seg is None else sp.shard(seg, 1)
+            if isinstance(rows, int):
+                rows = (torch.arange(length, device=tok.device) >= rows).long()[None]  # (1, L)
+            if rows is not None:
+                rows = sp.shard(rows, 1).clamp(0, e0.shape[1] - 1)  # (B|1, L / world)
             k_lens = torch.full((tok.shape[0],), length, dtype=torch.long, device=tok.device)
-        else:
-            e0_blk = e0
 
         for i, block in enumerate(self.blocks):
-            tok = block(tok, e0_blk, rope, ctx, attn_fn=self.attn_fn, k_lens=k_lens, seg=seg)
+            tok = block(tok, e0, rope, ctx, attn_fn=self.attn_fn, k_lens=k_lens, rows=rows, chunk=chunk)
             if st is not None and i in self._inject_at:
                 if sp is not None:
                     tok = sp.gather(tok, 1, length)  # injection regroups tokens per frame: needs the full stream
-                tok = s2v_inject_audio(self, self._inject_at[i], tok, st)
+                tok = s2v_inject_audio(self, self._inject_at[i], tok, st, chunk)
                 if sp is not None:
                     tok = sp.shard(tok, 1)
 
         if sp is not None:
             tok = sp.gather(tok, 1, length)
-        out = self.head(tok[:, :n_video], e if e.shape[1] == 1 else e[:, :n_video])  # (B, L, p*q*r*C)
+        out = self.head(tok[:, :n_video], e, e_rows, chunk)  # (B, L, p*q*r*C)
         p, q, r = cfg.patch_size
         f, h, w = grid
         return rearrange(out, "b (f h w) (p q r c) -> b c (f p) (h q) (w r)", f=f, h=h, w=w, p=p, q=q, r=r).float()

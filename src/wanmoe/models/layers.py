@@ -117,14 +117,25 @@ class Attention(nn.Module):
         attn_fn: AttnFn = attention,
     ) -> Tensor:
         # x (B, L, dim); context (B, S, dim) or None for self-attention; rope (B|1, L, D/2, 2)
-        ctx = x if context is None else context
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))  # (B, L, N, D)
-        k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, self.head_dim))  # (B, S, N, D)
-        v = self.v(ctx).unflatten(-1, (self.num_heads, self.head_dim))  # (B, S, N, D)
+        q = self.project_q(x)  # (B, L, N, D)
+        k, v = self.project_kv(x if context is None else context)  # (B, S, N, D) each
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = attn_fn(q, k, v, k_lens=k_lens)  # (B, L, N, D)
         return self.o(out.flatten(2))  # (B, L, dim)
+
+    # The pieces of forward, for callers that run the query side over token chunks (the DiT's token_chunk):
+    # queries are token-local, keys/values are computed once.
+    def project_q(self, x: Tensor) -> Tensor:
+        return self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))  # (B, L, N, D)
+
+    def project_kv(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, self.head_dim))  # (B, S, N, D)
+        return k, self.v(ctx).unflatten(-1, (self.num_heads, self.head_dim))  # (B, S, N, D)
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, *, attn_fn: AttnFn = attention) -> Tensor:
+        """Unmasked attention of x's queries (B, L, dim) to precomputed k, v (B, S, N, D), no RoPE -> (B, L, dim)."""
+        return self.o(attn_fn(self.project_q(x), k, v).flatten(2))
 
 
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:

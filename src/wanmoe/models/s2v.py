@@ -255,22 +255,29 @@ def s2v_tokens(
     _check_inputs(inp, s, x)
     f, hp, wp = grid
     wd = model.patch_embedding.weight.dtype
-    # Pose: the cond encoder is always applied; with no pose its input would be zeros, i.e. only its bias.
-    if inp.pose_latents is not None:
-        noisy = noisy + model.cond_encoder(inp.pose_latents.to(wd)).flatten(2).transpose(1, 2).float()
-    else:
-        noisy = noisy + model.cond_encoder.bias.float()
-    ref = model.patch_embedding(inp.ref_latents.to(wd)).flatten(2).transpose(1, 2).float()  # (B, h*w, D)
-    parts, types = [noisy, ref], [0, 1]
+    # Tokens [noisy | ref | motion] written into one buffer, each part plus its token-type embedding, with in-place
+    # adds in the reference's order ((noisy + pose) + type): no full-length temporaries besides the buffer.
+    ref = model.patch_embedding(inp.ref_latents.to(wd)).flatten(2).transpose(1, 2)  # (B, h*w, D)
+    parts: list[Tensor] = [ref]
     positions = [grid_positions(f, hp, wp), grid_positions(1, hp, wp, t0=s.ref_rope_t)]
     if not inp.drop_motion_frames:
-        mot, mot_pos = model.frame_packer(inp.motion_latents)
+        mot, mot_pos = model.frame_packer(inp.motion_latents)  # (B, Lm, D) fp32
         parts.append(mot)
-        types.append(2)
         positions.append(mot_pos)
-    lens = [p.shape[1] for p in parts]
-    type_ids = torch.repeat_interleave(torch.tensor(types), torch.tensor(lens)).to(x.device)  # (L_all,)
-    tokens = torch.cat(parts, dim=1) + model.trainable_cond_mask(type_ids).float()  # (B, L_all, D)
+    lens = [noisy.shape[1]] + [p.shape[1] for p in parts]
+    type_emb = model.trainable_cond_mask(torch.arange(len(lens), device=x.device)).float()  # (types, D): 0 noisy
+    tokens = noisy.new_empty((noisy.shape[0], sum(lens), noisy.shape[2]))  # (B, L_all, D) fp32
+    dst = tokens[:, : lens[0]]
+    # Pose: the cond encoder is always applied; with no pose its input would be zeros, i.e. only its bias.
+    if inp.pose_latents is not None:
+        dst.copy_(model.cond_encoder(inp.pose_latents.to(wd)).flatten(2).transpose(1, 2)).add_(noisy)
+    else:
+        dst.copy_(noisy).add_(model.cond_encoder.bias.float())
+    dst.add_(type_emb[0])
+    start = lens[0]
+    for i, part in enumerate(parts, start=1):
+        tokens[:, start : start + lens[i]].copy_(part).add_(type_emb[i])
+        start += lens[i]
 
     # Audio: prefix the clip with `motion_frames` copies of its first frame (the motion context's audio), encode at
     # stride 4, then drop the latent frames that belong to the motion context.
@@ -286,15 +293,32 @@ def s2v_tokens(
     return S2VState(tokens, torch.cat(positions).to(x.device), lens[0], loc, glob)
 
 
-def s2v_inject_audio(model: nn.Module, idx: int, x: Tensor, st: S2VState) -> Tensor:
-    """Residual audio injection into the noisy tokens of x (B, L_all, D), per latent frame; ref/motion untouched."""
+def s2v_inject_audio(model: nn.Module, idx: int, x: Tensor, st: S2VState, chunk: int | None = None) -> Tensor:
+    """Residual audio injection into the noisy tokens of x (B, L_all, D), per latent frame; ref/motion untouched.
+
+    chunk (tokens, None = all): frames are independent here, so whole frames are injected a group at a time; without
+    autograd the sums go back into x in place (x is the DiT's own residual stream)."""
     n, f = st.num_noisy, st.audio_local.shape[1]
+    per = max(1, (chunk or n) // max(1, n // f))  # frames per pass
+    if per >= f:
+        return torch.cat([x[:, :n] + _injection(model, idx, x[:, :n], st, 0, f), x[:, n:]], dim=1)
+    hw = n // f
+    out = x if not torch.is_grad_enabled() else x.clone()
+    for f0 in range(0, f, per):
+        f1 = min(f, f0 + per)
+        xs = x[:, f0 * hw : f1 * hw]  # (B, (f1-f0)*h*w, D)
+        out[:, f0 * hw : f1 * hw] = xs + _injection(model, idx, xs, st, f0, f1)
+    return out
+
+
+def _injection(model: nn.Module, idx: int, x: Tensor, st: S2VState, f0: int, f1: int) -> Tensor:
+    # x (B, (f1-f0)*h*w, D) fp32, the noisy tokens of latent frames [f0, f1) -> their audio update, same shape.
     adain = model.audio_injector.injector_adain_layers[idx]
     attn = model.audio_injector.injector[idx]
-    h = rearrange(x[:, :n], "b (t n) c -> (b t) n c", t=f)  # (B*F, h*w, D)
+    f = f1 - f0
+    h = rearrange(x, "b (t n) c -> (b t) n c", t=f)  # (B*F, h*w, D)
     wd = model.patch_embedding.weight.dtype  # never quantized, unlike the injector's Linears
-    h = adain(h, rearrange(st.audio_global, "b t n c -> (b t) n c")[:, 0], wd)  # (B*F, h*w, D) fp32
-    ctx = rearrange(st.audio_local, "b t n c -> (b t) n c")  # (B*F, G+1, D)
+    h = adain(h, rearrange(st.audio_global[:, f0:f1], "b t n c -> (b t) n c")[:, 0], wd)  # (B*F, h*w, D) fp32
+    ctx = rearrange(st.audio_local[:, f0:f1], "b t n c -> (b t) n c")  # (B*F, G+1, D)
     out = attn(h.to(wd), ctx.to(wd)).float()  # every frame sees all its G+1 audio tokens: no mask
-    out = rearrange(out, "(b t) n c -> b (t n) c", t=f)  # (B, F*h*w, D)
-    return torch.cat([x[:, :n] + out, x[:, n:]], dim=1)
+    return rearrange(out, "(b t) n c -> b (t n) c", t=f)  # (B, F*h*w, D)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from wanmoe.models.state_check import mismatch_report
 from wanmoe.models.vae_blocks import Cache, CausalConv3d, Decoder, Encoder
+from wanmoe.models.vae_tiling import Tiling, tiled_decode, tiled_encode
 
 # Per-channel latent statistics of the released Wan2.1 VAE (wan/modules/vae2_1.py, Wan2_1_VAE.__init__).
 WAN21_LATENT_MEAN: tuple[float, ...] = (
@@ -92,6 +93,10 @@ class WanVAE(nn.Module):
     one latent frame at a time), which bounds activation memory for long or large clips. ``chunked=False`` runs
     the whole clip in one pass through the same causal convs: the same function (equal up to float rounding),
     fewer and larger conv calls, more activation memory.
+
+    ``tiling`` (None by default: one pass over the whole frame) is a ``Tiling``: encode and decode then run over
+    overlapping spatial tiles blended with linear ramps (``models/vae_tiling.py``), so their activation memory
+    scales with the tile, not the frame; the result differs slightly from the untiled one (PSNR in docs/vae.md).
     """
 
     def __init__(self, cfg: VAEConfig = VAE21) -> None:
@@ -103,12 +108,20 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)  # posterior moments (mu | log_var)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder(cfg.dim, cfg.z_dim, *args, cfg.temporal_downsample[::-1], cfg.dropout)
+        self.tiling: Tiling | None = None  # spatial tiles for encode/decode; frugal_() sets it
 
     # ---- encode ---------------------------------------------------------------------------------------------
 
     def encode_moments(self, video: Tensor, *, chunked: bool = True) -> tuple[Tensor, Tensor]:
         """Raw (un-normalised) posterior (mu, log_var), each (B, z, F, H, W), from video (B, 3, T, Hp, Wp)."""
         video = self._check_video(video)
+        if self._tiled(video.shape[3] // self.cfg.stride[1], video.shape[4] // self.cfg.stride[2]):
+            enc = lambda v: self._moments(v, chunked)  # noqa: E731
+            mu, log_var = tiled_encode(enc, video, self.cfg.z_dim, self.tiling, self.cfg.stride)
+            return mu.to(video.dtype), log_var.to(video.dtype)
+        return self._moments(video, chunked)
+
+    def _moments(self, video: Tensor, chunked: bool) -> tuple[Tensor, Tensor]:
         st = self.cfg.stride[0]
         cache: Cache = {}  # local to this call: no state survives on the module
         if chunked:
@@ -142,6 +155,16 @@ class WanVAE(nn.Module):
         """Normalised latent (B, z, F, H, W) -> video (B, 3, 1 + 4(F-1), 8H, 8W), clamped to [-1, 1] by default
         (pass ``clamp=False`` when training, so out-of-range pixels keep their gradient)."""
         z = self._check_latent(z)
+        if self._tiled(z.shape[3], z.shape[4]):
+            out = tiled_decode(lambda t: self._decode(t, chunked), z, self.tiling, self.cfg.stride).to(z.dtype)
+        else:
+            out = self._decode(z, chunked)
+        if not clamp:
+            return out
+        # In place when no graph records it (the output is ours): one frame-sized copy less.
+        return out.clamp_(-1.0, 1.0) if not torch.is_grad_enabled() else out.clamp(-1.0, 1.0)
+
+    def _decode(self, z: Tensor, chunked: bool) -> Tensor:
         mean, std = self._stats(z)
         x = self.conv2(z * std + mean)  # (B, z, F, H, W)
         cache: Cache = {}  # local to this call
@@ -150,10 +173,18 @@ class WanVAE(nn.Module):
             out = torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
         else:
             out = self.decoder(x, cache)  # (B, 3, T, Hp, Wp)
-        out = out.contiguous()  # standard layout for callers, whatever layout the blocks computed in
-        return out.clamp(-1.0, 1.0) if clamp else out
+        return out.contiguous()  # standard layout for callers, whatever layout the blocks computed in
 
     # ---- boundary checks and helpers ------------------------------------------------------------------------
+
+    def _tiled(self, h: int, w: int) -> bool:
+        """Whether a (latent) h x w grid goes through tiles: tiling is set and the grid exceeds one tile."""
+        if self.tiling is None:
+            return False
+        if not isinstance(self.tiling, Tiling):
+            raise TypeError(f"WanVAE.tiling must be a Tiling or None; got {type(self.tiling).__name__}")
+        self.tiling.validate()
+        return max(h, w) > self.tiling.tile
 
     def _param_dtype(self) -> torch.dtype:
         return self.conv1.weight.dtype
