@@ -9,7 +9,13 @@ Structure (spec section 6; Wan2.2 ``wan/modules/model.py``): patchify (Conv3d) -
 A14B; 1260 with the S2V extension of ``models/s2v.py``).
 
 Sequence-parallel seam: ``DiT.seq_parallel`` (None by default) may hold an object with ``world``,
-``shard(x, dim)`` and ``gather(x, dim, length)``; see docs/architecture.md.
+``shard(x, dim)`` and ``gather(x, dim, length)``; see docs/architecture.md. Under it, per-token timestep rows are
+sharded as a (B|1, L) row index (S2V's t / t=0 boundary becomes one), not as (B, L, 6, D) tensors.
+
+Memory knob: ``DiT.token_chunk`` (None by default: every token at once) runs the token-local parts of each block
+(norms, modulation, q/k/v and output projections, cross-attention queries, FFN, gated adds), the head and the S2V
+audio injection over at most that many tokens at a time; self-attention still gets full-length q, k, v. Equal to the
+unchunked output up to float rounding; ``wanmoe.models.frugal.frugal_`` sets it (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -97,7 +103,6 @@ DIT_PRESETS.update({f"{k}-tiny": tiny(v) for k, v in list(DIT_PRESETS.items())})
 # Which row of a small timestep table each token uses, with no per-token copy of the table (spec: the reference
 # builds (B, L, 6, D) fp32 per forward): None = row 0 for every token; an int n = row 0 before token n and row 1
 # from n on (S2V: ref/motion tokens at t = 0); a (B|1, L) long tensor = a row per token (per-token t).
-
 def _pieces(rows: int | Tensor | None, a: int, b: int) -> list[tuple[int, int, slice | Tensor]]:
     """Tokens [a, b) as (lo, hi, sel) runs that share one row selector: a row slice, or a (B|1, hi-lo) index."""
     if rows is None:
@@ -257,7 +262,7 @@ class DiT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg, self.attn_fn, self.seq_parallel = cfg, attn_fn, None
-        self.token_chunk: int | None = None  # see the class docstring; frugal_() sets it
+        self.token_chunk: int | None = None  # see the module docstring; frugal_() sets it
         d = cfg.dim
         self.patch_embedding = Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), Linear(d, d))
