@@ -164,9 +164,11 @@ def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None,
 
 
 def enable_frugal(dit: torch.nn.Module | None = None, vae: WanVAE | None = None) -> None:
-    """Switch on the memory knobs: the DiT's token chunks and the VAE's spatial tiles (the planner assumes them)."""
-    # wired to the knobs of models/dit.py and models/vae.py once they land
-    return None
+    """Switch on the memory knobs: the DiT's token chunks and the VAE's spatial tiles, at the defaults the planner
+    assumes (`wanmoe.models.frugal`)."""
+    from wanmoe.models.frugal import frugal_
+
+    frugal_(dit, vae)
 
 
 class VisitingEncoder:

@@ -302,8 +302,13 @@ def _dit_inputs(cfg, frames: int, w: int, h: int, batch: int = 1, *, device: str
 
 
 def _frugal_(dit: nn.Module, vae: nn.Module, on: bool) -> None:
-    """The memory knobs (token chunks, VAE tiles) on as the loader switches them on, or off."""
-    return None  # wired once the knobs land (models/dit.py, models/vae.py)
+    """The memory knobs (token chunks, VAE tiles) on, with the loader's function and defaults, or off."""
+    from wanmoe.models.frugal import frugal_
+
+    if on:
+        frugal_(dit, vae)
+    else:
+        frugal_(dit, vae, token_chunk=None, tiling=None)
 
 
 def _cached(cache: dict | None, key: tuple, make: Callable[[], object]):  # noqa: ANN202
