@@ -67,3 +67,9 @@ continue_experts "$OUT4" "$OUT3" 2600 42 2e-4 "$LAT" high low dense
 continue_experts "$OUT5" "$OUT4" 1800 31 1.5e-4 "$LAT" low dense
 cp -n "$OUT4/experts/high.pt" "$OUT5/experts/high.pt"
 train export --out "$OUT5" --dest src/wanmoe/assets/s2v-mini
+
+# Step distillation (the shipped --distilled option, docs/lora.md): a LoRA per expert for 2 Euler steps that land
+# on the shipped model's 20-step states.
+train distill --out runs/distill --steps_fast 2 --n 96 --steps 1500 --rank 16 --batch 2 --max_minutes 20 --eval_n 4 \
+  --threads 1
+for e in high low; do cp runs/distill/fast_$e.safetensors "src/wanmoe/assets/loras/s2v-mini_distill2_$e.safetensors"; done

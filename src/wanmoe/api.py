@@ -94,6 +94,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, components: Components, options: LoadOptions) -> None:
         self.cfg, self.components, self.options = cfg, components, options
         self._plans: dict = {}  # planner traces, reused by check_budget across calls
+        self.defaults: dict[str, object] = {}  # request settings a loaded option brings (use_distilled); callers win
 
     @property
     def task(self) -> str:
@@ -101,7 +102,7 @@ class Pipeline:
 
     def request(self, **overrides: object) -> Request:
         """The validated request these overrides make (the task's preset for everything not given)."""
-        return make_request(self.cfg, **overrides)
+        return make_request(self.cfg, **{**self.defaults, **overrides})
 
     def __call__(
         self,
@@ -124,7 +125,7 @@ class Pipeline:
         x0 prediction and the decoded frames as they appear (`wanmoe.pipeline.Preview`). With `save`, each clip is
         muxed into that mp4 as soon as it is decoded, and the sidecar written beside it at the end (with
         `keep_frames=False` the frames are not also kept: memory stays flat however long the audio)."""
-        req = make_request(self.cfg, prompt=prompt, **settings)
+        req = self.request(prompt=prompt, **settings)
         inputs = read_inputs(self.cfg, image=image, audio=audio, sr=sr, pose_video=pose_video, tts_text=tts_text,
                              tts_voice=tts_voice)
         return self.run(req, inputs, progress=progress, preview=preview, save=save, keep_frames=keep_frames)
@@ -169,6 +170,22 @@ class Pipeline:
         `scale` (one number, or per expert: {"high": 1.0, "low": 0.5}). Merged into float weights, run beside int8
         ones (`mode`: auto | merge | runtime); it survives every reload of an expert. docs/lora.md."""
         self._lora_stack().load(path, scale, experts, mode=mode, skip_wan21_image=skip_wan21_image)
+
+    def use_distilled(self) -> None:
+        """Switch to the task's shipped few-step option (`PipelineConfig.distilled`): load its step-distillation LoRA
+        into each expert and make its settings (e.g. 2 Euler steps) this pipeline's defaults; a call's own settings
+        still win. InputError('distilled') for a task that ships none. docs/lora.md, "Step distillation"."""
+        from wanmoe.configs import ASSETS
+
+        d = self.cfg.distilled
+        if d is None:
+            raise InputError("distilled", f"task {self.cfg.task} ships no distilled option")
+        if self.options.ckpt_dir is not None:
+            raise InputError("distilled", "the shipped distillation LoRAs fit the shipped weights only, not "
+                                          f"{self.options.ckpt_dir}")
+        for expert, name in d.loras.items():
+            self.load_lora(ASSETS / "loras" / name, 1.0, (expert,))
+        self.defaults = dict(d.settings)
 
     def unload_lora(self, path: str | os.PathLike | None = None) -> None:
         """Remove one LoRA file (every expert it was loaded into) or, with None, all; the experts it touched
@@ -261,6 +278,7 @@ def load(
     compile: bool = False,
     vram_gb: float | None = None,
     plan_size: str | tuple[int, int] | None = None,
+    distilled: bool = False,
     parallel: ParallelState | None = None,
     **parallel_flags: object,
 ) -> Pipeline:
@@ -269,10 +287,13 @@ def load(
 
     vram_gb (CUDA): run the fastest residency policy the planner predicts to fit this many GB, planned at
     `plan_size` (default: the task's default size) and the task's frames; a call whose size or frames need more
-    raises InputError('vram_gb') before any work. docs/performance.md, "Planning and --vram_gb"."""
+    raises InputError('vram_gb') before any work. docs/performance.md, "Planning and --vram_gb".
+    distilled: the task's shipped few-step option (`Pipeline.use_distilled`)."""
     cfg, root = resolve(model, ckpt_dir, task)
     if task is not None and ckpt_dir is None and Path(str(model)).is_dir():
         root = str(model)
+    if distilled and cfg.distilled is None:  # refused before anything loads
+        raise InputError("distilled", f"task {cfg.task} ships no distilled option")
     parallel = parallel or ParallelState()
     plan_for = None
     if vram_gb is not None and plan_size is not None:
@@ -281,7 +302,10 @@ def load(
                         convert_model_dtype=convert_model_dtype, int8=int8, t5_cpu=t5_cpu, compile=compile,
                         world=parallel.world, vram_gb=vram_gb, plan_for=plan_for,
                         **parallel_flags)  # type: ignore[arg-type]
-    return Pipeline(cfg, loading.load_components(cfg, opts, parallel), opts)
+    pipe = Pipeline(cfg, loading.load_components(cfg, opts, parallel), opts)
+    if distilled:
+        pipe.use_distilled()
+    return pipe
 
 
 __all__ = ["load", "resolve", "check_budget", "Pipeline", "Video", "InputError", "Request", "LoadOptions"]

@@ -123,6 +123,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     ours.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE][@EXPERT]",
                       help="a LoRA (.safetensors; diffusers, kohya/ComfyUI or LightX2V keys) at SCALE (default 1) "
                            "on EXPERT (default: all; several: @high,low); repeatable (docs/lora.md)")
+    ours.add_argument("--distilled", action="store_true",
+                      help="the task's shipped few-step option (s2v-mini: step-distillation LoRAs per expert, 2 Euler "
+                           "steps instead of 20; other flags still win; docs/lora.md)")
     ours.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -139,6 +142,7 @@ FLAGS = {
     "dit_fsdp": "--dit_fsdp", "t5_fsdp": "--t5_fsdp", "save_file": "--save_file", "model": "--task",
     "cache": "--cache", "cache_max_skips": "--cache_max_skips", "batch_cfg": "--batch_cfg", "compile": "--compile",
     "tts_text": "--tts_text", "tts_voice": "--tts_voice", "lora": "--lora", "vram_gb": "--vram_gb",
+    "distilled": "--distilled",
 }
 TTS_CLOUD = ("needs the official CosyVoice voice-cloning model, which is fetched from the cloud; wanmoe downloads "
              "nothing and speaks --tts_text with espeak-ng (pick a voice with --tts_voice)")
@@ -234,7 +238,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _fail("--enable_tts needs --tts_text (the words to speak)")
     try:
         cfg = get_preset(args.task)
-        req = make_request(cfg, **request_kwargs(args))  # every setting checked before any weights load
+        kwargs = request_kwargs(args)
+        if args.distilled:
+            if cfg.distilled is None or args.ckpt_dir is not None:
+                have = ", ".join(sorted(n for n, c in PRESETS.items() if c.distilled is not None))
+                raise InputError("distilled", f"ships only with the embedded weights of {have}")
+            kwargs.update({k: v for k, v in cfg.distilled.settings.items() if kwargs.get(k) is None})
+        req = make_request(cfg, **kwargs)  # every setting checked before any weights load
         opts = make_options(cfg, ckpt_dir=args.ckpt_dir, device=args.device, offload_model=args.offload_model,
                             t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype, int8=args.int8,
                             compile=args.compile,
@@ -279,6 +289,8 @@ def _generate(args: argparse.Namespace, cfg, req, opts, inputs, save: Path, stat
         return _fail(str(e))
     pipe = Pipeline(cfg, components, opts)
     try:
+        if args.distilled:
+            pipe.use_distilled()
         for spec in map(lambda s: parse_spec(s, cfg.experts), args.lora or ()):
             pipe.load_lora(spec.path, spec.scale, spec.experts)
     except InputError as e:

@@ -38,6 +38,16 @@ NEG_PROMPT_S2V = (
 
 
 @dataclass(frozen=True)
+class Distilled:
+    """A few-step option that ships with an embedded model: step-distillation LoRAs per expert (file names under
+    `ASSETS/loras`) and the request settings they were trained for (`make_request` keywords; a caller's own value
+    wins). `wanmoe.load(..., distilled=True)`, `Pipeline.use_distilled()`, `--distilled`."""
+
+    loras: dict[str, str]  # expert -> LoRA file in ASSETS/loras
+    settings: dict[str, object]  # make_request keywords: steps, solver, ...
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     task: str
     modality: str  # "t2v" | "i2v" | "s2v": which conditioning preparation runs (pipeline.CLIPS)
@@ -66,6 +76,7 @@ class PipelineConfig:
     # Checkpoint layout: a key of checkpoint.TASK_LAYOUTS (official trees), or "small" (wanmoe's own small models:
     # DiT folders + vae.safetensors + byte_text_encoder.safetensors).
     layout: str = "small"
+    distilled: Distilled | None = None  # a shipped few-step option (embedded models only)
 
     @property
     def vae_stride(self) -> tuple[int, int, int]:
@@ -181,6 +192,10 @@ MINI = PipelineConfig(
     default_size="128*128", sizes=("128*128",), neg_prompt="", embedded=True,
     motion_scale=2.0,  # audio guidance: real-speech sync 0.46 -> 0.52 for 0.5 dB PSNR (docs/results.md)
     example_prompt="a square yellow face with blue eyes on a sky blue background, nodding gently while talking",
+    # 2 Euler steps (one per expert) whose LoRAs were trained to land on the 20-step sampler's states (wanmoe train
+    # distill; docs/results.md): 20x fewer transformer passes, the audio guidance folded into the LoRAs.
+    distilled=Distilled(loras={e: f"s2v-mini_distill2_{e}.safetensors" for e in ("high", "low")},
+                        settings={"steps": 2, "solver": "euler", "motion_scale": 1.0}),
 )
 
 
