@@ -14,8 +14,10 @@ sharded as a (B|1, L) row index (S2V's t / t=0 boundary becomes one), not as (B,
 
 Memory knob: ``DiT.token_chunk`` (None by default: every token at once) runs the token-local parts of each block
 (norms, modulation, q/k/v and output projections, cross-attention queries, FFN, gated adds), the head and the S2V
-audio injection over at most that many tokens at a time; self-attention still gets full-length q, k, v. Equal to the
-unchunked output up to float rounding; ``wanmoe.models.frugal.frugal_`` sets it (docs/performance.md).
+audio injection over at most that many tokens at a time. Self-attention still attends to the whole sequence through
+the attention seam: full-length keys and values, queries one chunk at a time (full length too under sequence
+parallelism, whose all-to-all needs q and k of one length). Equal to the unchunked output up to float rounding;
+``wanmoe.models.frugal.frugal_`` sets it (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -173,43 +175,62 @@ class Block(nn.Module):
         k_lens: Tensor | None = None,
         rows: int | Tensor | None = None,
         chunk: int | None = None,
+        split_queries: bool = True,
     ) -> Tensor:
         # x (B, L, D) fp32 residual stream; e0 (B|1, R, 6, D) fp32 timestep rows, picked per token by `rows`;
         # rope (1, L, D/N/2, 2); context (B, S, D) in compute dtype. chunk: tokens per pass of the token-local
-        # parts (None = all at once); self-attention always sees the whole (local) sequence.
+        # parts (None = all at once). Self-attention always attends to the whole (local) sequence: keys and values
+        # are full length; with split_queries the queries (and the attention output) come one chunk at a time,
+        # else (Ulysses: its all-to-all needs q and k of one shard length) q is full length too.
         # The blocks' float weight dtype, read from a tensor int8 never replaces (an Int8Linear has no .weight).
         wd = self.modulation.dtype
         table = self.modulation.float() + e0  # (B|1, R, 6, D): modulation table stays fp32
-        spans = _spans(x.shape[1], chunk)
-        sa = self.self_attn
-        if len(spans) == 1:
-            q, k, v = self._qkv(x, table, _pieces(rows, 0, x.shape[1]), 0, rope, wd)
-        else:
-            # Full-length q, k, v filled chunk by chunk: norms, modulation and projections see one chunk at a time.
-            shape = (*x.shape[:2], sa.num_heads, sa.head_dim)  # (B, L, N, D)
-            q, k, v = (x.new_empty(shape, dtype=wd) for _ in range(3))
-            for a, b in spans:
-                q[:, a:b], k[:, a:b], v[:, a:b] = self._qkv(x[:, a:b], table, _pieces(rows, a, b), a, rope[:, a:b], wd)
-        att = attn_fn(q, k, v, k_lens=k_lens)  # (B, L, N, D)
-        del q, k, v
+        length = x.shape[1]
+        spans = _spans(length, chunk)
         ck, cv = self.cross_attn.project_kv(context)  # (B, S, N, D): text keys once per block, not per chunk
         if len(spans) == 1:
-            return self._token_local(x, att, table, _pieces(rows, 0, x.shape[1]), ck, cv, 0, wd)
-        # Without autograd the results go straight back into the residual stream; with it into a new tensor
-        # (the norms saved x's chunks for backward).
+            pieces = _pieces(rows, 0, length)
+            h = self._h(x, table, pieces, 0, wd)
+            q, (k, v) = self._q(h, rope), self._kv(h, rope)
+            del h
+            att = attn_fn(q, k, v, k_lens=k_lens)  # (B, L, N, D)
+            del q, k, v
+            return self._token_local(x, att, table, pieces, ck, cv, 0, wd)
+        # Full-length k, v (and q unless split) filled chunk by chunk: norms, modulation, projections and RoPE see
+        # one chunk at a time.
+        shape = (*x.shape[:2], self.self_attn.num_heads, self.self_attn.head_dim)  # (B, L, N, D)
+        k, v = (x.new_empty(shape, dtype=wd) for _ in range(2))
+        q = None if split_queries else x.new_empty(shape, dtype=wd)
+        for a, b in spans:
+            h = self._h(x[:, a:b], table, _pieces(rows, a, b), a, wd)
+            k[:, a:b], v[:, a:b] = self._kv(h, rope[:, a:b])
+            if q is not None:
+                q[:, a:b] = self._q(h, rope[:, a:b])
+            del h
+        att = None if q is None else attn_fn(q, k, v, k_lens=k_lens)  # (B, L, N, D)
+        del q
+        # Without autograd the results go straight back into the residual stream (chunk j's queries are read
+        # before chunk j is written); with it into a new tensor (the norms saved x's chunks for backward).
         out = x if not torch.is_grad_enabled() else torch.empty_like(x)
         for a, b in spans:
-            out[:, a:b] = self._token_local(x[:, a:b], att[:, a:b], table, _pieces(rows, a, b), ck, cv, a, wd)
+            xs, pieces = x[:, a:b], _pieces(rows, a, b)
+            if att is None:  # this chunk's queries against every key: (B, c, N, D)
+                att_s = attn_fn(self._q(self._h(xs, table, pieces, a, wd), rope[:, a:b]), k, v, k_lens=k_lens)
+            else:
+                att_s = att[:, a:b]
+            out[:, a:b] = self._token_local(xs, att_s, table, pieces, ck, cv, a, wd)
         return out
 
-    def _qkv(
-        self, x: Tensor, table: Tensor, pieces: list, a: int, rope: Tensor, wd: torch.dtype
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        # x (B, c, D) fp32 tokens [a, a + c) -> self-attention q, k, v (B, c, N, D) of the AdaLN-modulated tokens.
-        h = _modulate(self.norm1(x), table, pieces, a, 0, 1).to(wd)
-        q = apply_rope(self.self_attn.project_q(h), rope)
-        k, v = self.self_attn.project_kv(h)
-        return q, apply_rope(k, rope), v
+    def _h(self, x: Tensor, table: Tensor, pieces: list, a: int, wd: torch.dtype) -> Tensor:
+        # x (B, c, D) fp32 tokens [a, a + c) -> the AdaLN-modulated self-attention input, in the weight dtype.
+        return _modulate(self.norm1(x), table, pieces, a, 0, 1).to(wd)
+
+    def _q(self, h: Tensor, rope: Tensor) -> Tensor:
+        return apply_rope(self.self_attn.project_q(h), rope)  # (B, c, N, D)
+
+    def _kv(self, h: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.self_attn.project_kv(h)  # (B, c, N, D) each
+        return apply_rope(k, rope), v
 
     def _token_local(
         self, x: Tensor, att: Tensor, table: Tensor, pieces: list, ck: Tensor, cv: Tensor, a: int, wd: torch.dtype
@@ -393,7 +414,8 @@ class DiT(nn.Module):
             k_lens = torch.full((tok.shape[0],), length, dtype=torch.long, device=tok.device)
 
         for i, block in enumerate(self.blocks):
-            tok = block(tok, e0, rope, ctx, attn_fn=self.attn_fn, k_lens=k_lens, rows=rows, chunk=chunk)
+            tok = block(tok, e0, rope, ctx, attn_fn=self.attn_fn, k_lens=k_lens, rows=rows, chunk=chunk,
+                        split_queries=sp is None)
             if st is not None and i in self._inject_at:
                 if sp is not None:
                     tok = sp.gather(tok, 1, length)  # injection regroups tokens per frame: needs the full stream

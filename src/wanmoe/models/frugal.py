@@ -6,11 +6,12 @@ so what is planned is what runs. Measurements behind the defaults: docs/performa
 docs/vae.md ("Tiled encode and decode").
 
 - DiT.token_chunk (tokens): the token-local parts of every block (norms, modulation, q/k/v projections, the output
-  projection, cross-attention, the FFN, the gated residual adds), the S2V audio injection and the head run over at
-  most this many tokens at a time; self-attention still sees the whole (local) sequence. Equal to the unchunked
-  output up to float rounding (different matmul shapes). 8192: below it the A14B peak at 1280*720 no longer drops
-  (the full-length q, k, v and attention output set the floor), and a chunk's FFN hidden (8192 x 13824 bf16,
-  0.23 GB) is small next to q, k, v (3 x 0.77 GB).
+  projection, cross-attention, the FFN, the gated residual adds), the self-attention queries, the S2V audio
+  injection and the head run over at most this many tokens at a time; keys and values stay full length, so
+  attention still spans the whole sequence. Equal to the unchunked output up to float rounding (different matmul
+  shapes). 4096: the A14B peak at 1280*720 is 3.6 GB against 4.0 GB at 8192 and 3.4 GB at 2048 (the full-length
+  fp32 residual stream and bf16 k, v, 3.1 GB, are the floor); 4096-row matmuls and attention calls still fill a
+  GPU, and a chunk's FFN hidden (4096 x 13824 bf16, 0.11 GB) is small next to k, v (2 x 0.77 GB).
 - WanVAE.tiling (Tiling(tile, overlap) in latent cells): encode/decode over tiles of at most 32 cells (256 px)
   that overlap by at least 8 cells (64 px). At 1280*720 x 81 frames: 4 x 7 tiles of 29 x 30 cells, decode peak
   18.1 -> 2.0 GB, encode 14.6 -> 1.8 GB, for 1.7x the convolution work; tiled vs untiled 45-49 dB on the trained
@@ -27,7 +28,7 @@ from .vae_tiling import DEFAULT_TILING, Tiling
 
 __all__ = ["frugal_", "DEFAULT_TOKEN_CHUNK", "DEFAULT_TILING"]
 
-DEFAULT_TOKEN_CHUNK = 8192
+DEFAULT_TOKEN_CHUNK = 4096
 
 
 def frugal_(
