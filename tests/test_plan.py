@@ -243,14 +243,28 @@ def test_streaming_cost_arithmetic(official):
     assert pp.streaming_cost(official[("t2v-A14B", "offload")], a).overhead == 0.0
 
 
-@pytest.mark.parametrize("budget, expected", [(1000.0, "resident"), (22.0, "stream"), (12.0, "stream+int8")])
-def test_vram_budget_picks_the_fastest_policy_that_fits(cache, budget, expected):
-    choice = pp.choose_policy(get_preset("t2v-A14B"), "1280*720", budget, cache=cache)
+@pytest.mark.parametrize("task, budget, expected", [
+    ("t2v-A14B", 1000.0, "resident"), ("t2v-A14B", 40.0, "offload"), ("t2v-A14B", 22.0, "stream"),
+    ("t2v-A14B", 12.0, "stream"),  # bf16 streaming fits 12 GB at 720p: int8 is not taken while bf16 fits
+    ("s2v-14B", 12.0, "stream+int8"),  # S2V's bf16 stream does not fit 12 GB: int8 is
+])
+def test_vram_budget_picks_the_fastest_policy_that_fits(cache, task, budget, expected):
+    choice = pp.choose_policy(get_preset(task), OFFICIAL[task], budget, cache=cache)
     assert choice.policy == expected
     assert choice.plan.peak <= budget * GB
     assert choice.int8_fallback == (expected == "stream+int8")
     # Everything tried before the choice was predicted not to fit.
     assert all(peak > budget * GB for _, peak in choice.tried[:-1])
+
+
+def test_vram_budget_takes_int8_only_below_the_bf16_stream(cache):
+    cfg = get_preset("t2v-A14B")
+    st, st8 = (pp.plan_memory(cfg, "1280*720", pp.residency(n), cache=cache).peak for n in ("stream", "stream+int8"))
+    assert st8 < st
+    between = (st + st8) / 2 / GB
+    assert pp.choose_policy(cfg, "1280*720", between, cache=cache).policy == "stream+int8"
+    assert pp.choose_policy(cfg, "1280*720", st / GB, cache=cache).policy == "stream"
+    assert pp.choose_policy(cfg, "1280*720", between, int8=True, cache=cache).policy == "stream+int8"
 
 
 def test_vram_budget_too_small_is_refused(cache):
