@@ -352,3 +352,31 @@ def test_check_budget_replans_a_bigger_request(tmp_path, monkeypatch):
     check_budget(cfg, small, opts)  # what was planned
     with pytest.raises(InputError, match="was planned for 64\\*64, 5 frames"):
         check_budget(cfg, big, opts)
+
+
+def test_the_loader_builds_the_chosen_policy(tiny_ckpt):
+    """What --vram_gb chooses is what loads: a stream policy gives a streaming pool with the memory knobs on and,
+    batched as under stream, the resident run's exact output; stream+int8 streams int8 experts."""
+    import dataclasses
+
+    from wanmoe.api import Pipeline
+    from wanmoe.loading import load_components
+    from wanmoe.memory.quantize import Int8Linear
+
+    cfg = get_preset("t2v-tiny")
+    base = make_options(cfg, ckpt_dir=str(tiny_ckpt("t2v-tiny")), device="cpu", offload_model=False)
+    videos = {}
+    for policy in ("resident", "stream", "stream+int8"):
+        opts = dataclasses.replace(base, policy=policy, int8=policy.endswith("int8"))
+        comps = load_components(cfg, opts)
+        pool = comps.experts
+        assert pool.policy == policy.split("+")[0] and pool.stream_ahead == pp.STREAM_AHEAD
+        assert (comps.vae.tiling is not None) == (policy != "resident")  # on the CPU only streaming turns them on
+        pipe = Pipeline(cfg, comps, opts)
+        videos[policy] = pipe("a cat", seed=1, steps=2, frame_num=5, size="64*64", batch_cfg=True).frames
+        expert = pool.get("low")
+        assert (expert.token_chunk is not None) == (policy != "resident")
+        assert any(isinstance(m, Int8Linear) for m in expert.modules()) == policy.endswith("int8")
+        pool.close()
+    assert torch.equal(videos["stream"], videos["resident"])
+    assert torch.isfinite(videos["stream+int8"]).all()
