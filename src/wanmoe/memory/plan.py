@@ -7,6 +7,7 @@ dispatch mode that tracks live storage bytes (allocated when an op returns a ten
 tensor dies), so the prediction follows the code, not a formula. Attention is replaced by its fused-kernel
 footprint (output only; flash/SDPA-efficient kernels never materialise the L x L scores). The same trace counts
 the forward's FLOPs (`torch.utils.flop_counter` for matmuls and convolutions, attention counted at its 4 L^2 D).
+A DiT block or VAE tile called again with inputs of the same shapes is counted from its first trace, not rerun.
 
 Phases on one GPU, as this engine runs them (pipeline.generate, loading.load_components):
   text   : the VAE (loaded first, resident throughout) plus umT5 and its forward, unless the text encoder runs on
