@@ -343,7 +343,7 @@ def _setup_process(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-SUBCOMMANDS = {"train": "wanmoe.train.cli", "eval": "wanmoe.eval.cli", "plan": "wanmoe.memory.plan",
+SUBCOMMANDS = {"train": "wanmoe.train.cli", "eval": "wanmoe.eval.cli", "plan": "wanmoe.memory.plan_policy",
                "verify": "wanmoe.verify", "serve": "wanmoe.app.server"}
 
 

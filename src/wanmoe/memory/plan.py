@@ -43,7 +43,7 @@ from wanmoe import numerics
 from wanmoe.memory.offload import OffloadFlags
 
 __all__ = ["GB", "LiveBytes", "Trace", "trace", "activation_peak", "Residency", "MemoryPlan", "plan_memory",
-           "denoise_peak", "main"]
+           "denoise_peak"]
 
 GB = 1e9
 
@@ -445,9 +445,3 @@ def _text_encoder(cfg) -> nn.Module | None:  # noqa: ANN001
 def denoise_peak(p: MemoryPlan) -> int:
     return max(v for k, v in p.phases.items() if k.startswith("denoise:"))
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`wanmoe plan` (the command lives with the policies: `wanmoe.memory.plan_policy.main`)."""
-    from wanmoe.memory.plan_policy import main as policy_main
-
-    return policy_main(argv)
