@@ -41,10 +41,12 @@ fi
 # The VAE: the shipped VAE's weights widened to a 32-channel latent (the 16 new channels start unused, so step 0
 # reconstructs exactly as the shipped one), then whole 69-frame clips in the S2V layout (the encoder's and
 # decoder's temporal receptive fields span the whole clip, so late frames are only learnt on clips that long):
-# 32x32 crops, then 48x48 crops centred near the mouth half the time with the lip-region loss.
+# 32x32 crops; 48x48 crops centred near the mouth 60% of the time with the lip-region loss; 48x48 crops; mouth
+# again. The session ran this twice: first with the first two phases only (--max_minutes 82; they ended after
+# 33 min), then the same command with all four phases and --max_minutes 56.
 train vae --out "$OUT/final_run" --clips "$CLIPS" \
   --z_dim 32 --vae_init src/wanmoe/assets/s2v-mini/vae.safetensors --warmup 200 \
-  --phases 800:69:32:1:2e-4,1150:69:48:1:1.5e-4:mouth \
+  --phases 800:69:32:1:2e-4,1150:69:48:1:1.5e-4:mouth,2400:69:48:1:2.5e-4,2900:69:48:1:1.5e-4:mouth \
   --heldout 2 --eval_every 600 --max_minutes "$MIN" --threads 1 --quiet
 if [ -f "$OUT/final_run/vae/vae.safetensors" ]; then
   mkdir -p "$OUT/final"
