@@ -4,6 +4,7 @@
     wanmoe eval --setups two,one,two-threshold,two-blend,two-int8,two-10steps --n 4
     wanmoe eval --n 3 --setups two,one --speech 6 --out runs/eval  # the full evaluation (docs/results.md)
     wanmoe eval --n 3 --speech 3 --jobs 2 --threads 1          # the short run of tests/test_eval.py
+    wanmoe eval --motion 8 --long 30 --threads 1 --out runs/motion  # prompt motion and long audio (eval/motion.py)
 
 Each set-up runs in its own subprocess, so its peak memory is its own. For every held-out sample the
 reference image, audio and prompt go through the same Python API (`wanmoe.load`) as `generate.py`; the output is
@@ -154,13 +155,41 @@ def run_setup(task: str, model_dir: Path, settings: dict, options: dict, cases: 
     return out
 
 
+def run_checks(a: argparse.Namespace, root: Path, names: list[str], argv: list[str] | None) -> int:
+    """`--motion` / `--long`: each check for each set-up, in this process; JSON and markdown into `--out`."""
+    from wanmoe.api import load
+    from wanmoe.eval import motion
+
+    if a.motion < 0 or a.long < 0:
+        raise SystemExit(f"--motion and --long must be >= 0, got {a.motion} and {a.long}")
+    results, md = {}, [f"command: wanmoe eval {' '.join(argv if argv is not None else sys.argv[1:])}"]
+    for name in names:
+        sub, settings, options = SETUPS[name]
+        pipe = load(root / sub, task=None, **options)
+        if a.frames is not None:
+            settings = {**settings, "infer_frames": a.frames}
+        if a.motion:
+            print(f"motion {name} ...", file=sys.stderr, flush=True)
+            results[f"{name}/motion"] = r = motion.run_motion(pipe, a.motion, a.frames, a.seed, **settings)
+            md += ["", f"## {name}: prompt motion", "", motion.motion_markdown(r)]
+        if a.long:
+            print(f"long audio {name} ...", file=sys.stderr, flush=True)
+            results[f"{name}/long"] = r = motion.run_long(pipe, a.long, a.long_source, a.seed, **settings)
+            md += ["", f"## {name}: long audio", "", motion.long_markdown(r)]
+    (a.out / "motion_long.json").write_text(json.dumps(results, indent=2))
+    (a.out / "motion_long.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wanmoe eval", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="s2v-mini", choices=[t for t, c in PRESETS.items() if c.embedded],
                    help="an embedded S2V task (its model folder holds the two-expert model and single_expert/)")
     p.add_argument("--model", type=Path, default=None, help="model root (default: the embedded assets)")
-    p.add_argument("--setups", default="two,one", help=f"comma list of {', '.join(SETUPS)}")
+    p.add_argument("--setups", default=None,
+                   help=f"comma list of {', '.join(SETUPS)} (default: two,one; with --motion/--long: two)")
     p.add_argument("--n", type=int, default=4, help="held-out samples")
     p.add_argument("--speech", type=int, nargs="?", const=1, default=0, metavar="K",
                    help=f"add K real-speech samples (espeak-ng; --speech alone: 1, at most {len(SPEECH_CASES)})")
@@ -170,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads per set-up process")
     p.add_argument("--jobs", type=int, default=1,
                    help="set-ups run side by side (e.g. --jobs 2 --threads 1 on 2 cores; s/frame then shares the CPU)")
+    p.add_argument("--motion", type=int, default=0, metavar="N",
+                   help="instead of the set-up table: prompt motion on N held-out avatars x 4 motion words")
+    p.add_argument("--long", type=float, default=0.0, metavar="SECONDS",
+                   help="instead of the set-up table: first vs last 4 s of a SECONDS-long held-out speech clip")
+    p.add_argument("--long_source", default="espeak", choices=("espeak", "procedural"),
+                   help="the long clip's audio: the held-out espeak-ng sentences, or procedural speech")
     p.add_argument("--out", type=Path, default=Path("eval_out"))
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -190,11 +225,14 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = PRESETS[a.task]
     root = a.model or ASSETS / a.task
-    names = [s.strip() for s in a.setups.split(",") if s.strip()]
+    checks = a.motion > 0 or a.long > 0
+    names = [s.strip() for s in (a.setups or ("two" if checks else "two,one")).split(",") if s.strip()]
     unknown = [s for s in names if s not in SETUPS]
     if unknown:
         raise SystemExit(f"unknown set-up(s) {unknown}; choose from {', '.join(SETUPS)}")
     a.out.mkdir(parents=True, exist_ok=True)
+    if checks:
+        return run_checks(a, root, names, argv)
     rows, details = {}, {}
     with tempfile.TemporaryDirectory() as work:
         jobs = {}
