@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["espeak_wav", "espeak_sentence", "espeak_speech", "WORDS"]
+__all__ = ["espeak_wav", "espeak_sentence", "espeak_speech", "WORDS", "HELDOUT_SENTENCES"]
 
 WORDS = (
     "the a we you they it this that when where how why what good time day night sun rain music river "
@@ -63,3 +63,15 @@ def espeak_speech(seed: int, seconds: float, sr: int = 16000) -> np.ndarray:
     n = int(round(seconds * sr))
     audio = np.concatenate([np.zeros(int(lead * sr), np.float32), audio.astype(np.float32)])[:n]
     return np.pad(audio, (0, n - audio.shape[0]))
+
+
+# Held-out real-speech sentences (text, espeak-ng voice; None = its default) of `wanmoe eval --speech` and
+# `--long`: no training clip speaks them.
+HELDOUT_SENTENCES: tuple[tuple[str, str | None], ...] = (
+    ("Hello there. This is a talking avatar, made by two noise experts.", None),
+    ("Good evening. The weather report says light snow is falling over the northern hills.", "en+f3"),
+    ("Please remember to bring your passport, a pencil, and something warm to wear.", "en+m3"),
+    ("Seven hundred lanterns floated down the canal while the band played softly.", "en+f2"),
+    ("I would like a cup of coffee, with milk, and maybe a piece of apple cake.", "en+m7"),
+    ("Welcome back, everyone. Today we will learn how rivers carve deep valleys.", "en+f4"),
+)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from wanmoe.configs import PRESETS
+from wanmoe.data.espeak import HELDOUT_SENTENCES
 
 # name -> (model folder relative to the task's model root, request settings, load options): Python API keywords.
 SETUPS: dict[str, tuple[str, dict, dict]] = {
@@ -52,14 +53,7 @@ SETUPS: dict[str, tuple[str, dict, dict]] = {
 DROPPED = PRESETS["s2v-mini"].dropped_frames(start_from_ref=False)
 # Real-speech eval samples: (sentence, espeak-ng voice). Written by hand, so none is a training sentence
 # (those are drawn from `wanmoe.data.espeak.WORDS`); the first is the single sample of earlier reports.
-SPEECH_CASES: tuple[tuple[str, str | None], ...] = (
-    ("Hello there. This is a talking avatar, made by two noise experts.", None),
-    ("Good evening. The weather report says light snow is falling over the northern hills.", "en+f3"),
-    ("Please remember to bring your passport, a pencil, and something warm to wear.", "en+m3"),
-    ("Seven hundred lanterns floated down the canal while the band played softly.", "en+f2"),
-    ("I would like a cup of coffee, with milk, and maybe a piece of apple cake.", "en+m7"),
-    ("Welcome back, everyone. Today we will learn how rivers carve deep valleys.", "en+f4"),
-)
+SPEECH_CASES = HELDOUT_SENTENCES  # the held-out espeak-ng sentences (text, voice) of --speech and --long
 
 
 def held_out_cases(n: int, frames: int, speech: int, work: Path) -> list[dict]:

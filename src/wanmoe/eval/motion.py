@@ -167,8 +167,8 @@ def long_clip_audio(seconds: float, source: str = "espeak", work: str | None = N
     from pathlib import Path
 
     from wanmoe import media
+    from wanmoe.data.espeak import HELDOUT_SENTENCES as SPEECH_CASES
     from wanmoe.data.espeak import espeak_wav
-    from wanmoe.eval.cli import SPEECH_CASES
 
     parts, total, k = [], 0, 0
     with tempfile.TemporaryDirectory(dir=work) as tmp:
@@ -177,7 +177,7 @@ def long_clip_audio(seconds: float, source: str = "espeak", work: str | None = N
             a = media.read_audio(espeak_wav(text, Path(tmp) / f"s{k}.wav", voice=voice), sr=sr).astype(np.float32)
             parts += [a, np.zeros(int(0.4 * sr), np.float32)]
             total, k = total + a.shape[0] + int(0.4 * sr), k + 1
-    return np.concatenate(parts)[:n], sr, f"{k} held-out espeak-ng sentences (wanmoe.eval.cli.SPEECH_CASES)"
+    return np.concatenate(parts)[:n], sr, f"{k} held-out espeak-ng sentences (wanmoe.data.espeak.HELDOUT_SENTENCES)"
 
 
 def _mean_rgb(frames01: torch.Tensor, ring: bool) -> np.ndarray:
