@@ -48,6 +48,8 @@ train vae --out "$OUT/final_run" --clips "$CLIPS" \
   --z_dim 32 --vae_init src/wanmoe/assets/s2v-mini/vae.safetensors --warmup 200 \
   --phases 800:69:32:1:2e-4,1150:69:48:1:1.5e-4:mouth,2400:69:48:1:2.5e-4,2900:69:48:1:1.5e-4:mouth \
   --heldout 2 --eval_every 600 --max_minutes "$MIN" --threads 1 --quiet
+# Run afterwards, did not help (docs/vae_v2.md); the checkpoint left in OUT/final_run is at its step 3600:
+#   the same command with ",3600:69:48:1:1e-4:mouth" appended to --phases and --max_minutes 22.
 if [ -f "$OUT/final_run/vae/vae.safetensors" ]; then
   mkdir -p "$OUT/final"
   cp "$OUT/final_run/vae/vae.safetensors" "$OUT/final_run/vae/config.json" "$OUT/final/"
