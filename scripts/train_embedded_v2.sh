@@ -50,7 +50,7 @@ train vae --out "$OUT/final_run" --clips "$CLIPS" \
   --heldout 2 --eval_every 600 --max_minutes "$MIN" --threads 1 --quiet
 # Run afterwards, did not help (docs/vae_v2.md); the checkpoint left in OUT/final_run is at its step 3600:
 #   the same command with ",3600:69:48:1:1e-4:mouth" appended to --phases and --max_minutes 22.
-if [ -f "$OUT/final_run/vae/vae.safetensors" ]; then
+if [ -f "$OUT/final_run/vae/vae.safetensors" ] && [ ! -f "$OUT/final/vae.safetensors" ]; then  # never replaced
   mkdir -p "$OUT/final"
   cp "$OUT/final_run/vae/vae.safetensors" "$OUT/final_run/vae/config.json" "$OUT/final/"
   python benchmarks/vae_recon.py --vae "$OUT/final/vae.safetensors" --n 6 --threads 1
