@@ -193,3 +193,23 @@ def test_batched_guidance_equals_the_separate_passes(task, tiny_ckpt, media_dir)
     plain, batched = pipe(**kw), pipe(batch_cfg=True, **kw)
     assert plain.frames.std() > 0.05
     torch.testing.assert_close(batched.frames, plain.frames, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("policy", ["offload", "resident"])
+def test_experts_leave_the_device_before_the_last_decode(policy, tiny_ckpt, media_dir):
+    """Official order under --offload_model: the experts go to the host before the final VAE decode (an S2V clip
+    before the last is decoded with its expert still there: the next clip needs it); 'resident' keeps them."""
+    import wanmoe
+
+    pipe = wanmoe.load(tiny_ckpt("s2v-tiny"), offload_model=policy == "offload")
+    pool, vae, events = pipe.components.experts, pipe.components.vae, []
+    offload_all, decode = pool.offload_all, vae.decode
+    pool.offload_all = lambda: (events.append("offload"), offload_all())[1]
+    vae.decode = lambda *a, **k: (events.append("decode"), decode(*a, **k))[1]
+    pipe(image=media_dir / "ref.png", audio=media_dir / "speech.wav", infer_frames=8, num_clip=2, steps=1, seed=0)
+    last = len(events) - 1 - events[::-1].index("decode")
+    assert events.count("decode") >= 2
+    if policy == "offload":
+        assert "offload" in events[:last] and "offload" not in events[: events.index("decode")]
+    else:
+        assert "offload" not in events[:last]

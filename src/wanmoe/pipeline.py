@@ -394,6 +394,14 @@ CLIPS = {"t2v": T2VClips, "i2v": I2VClips, "s2v": S2VClips}
 # ------------------------------------------------------------------------------------------------ generate
 
 
+def _experts_off(c: Components) -> None:
+    """Before the last clip's decode, as the official code does with --offload_model: idle experts off the device
+    (every policy but 'resident'; FSDP-sharded experts stay where they are)."""
+    pool = c.experts
+    if getattr(pool, "policy", "resident") != "resident" and hasattr(pool, "offload_all") and not c.parallel.dit_fsdp:
+        pool.offload_all()
+
+
 def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressFn | None = None,
              preview: PreviewFn | None = None, on_clip: Callable[[Tensor], None] | None = None,
              keep_frames: bool = True, recorder: Recorder | None = None) -> Result:
@@ -434,6 +442,8 @@ def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressF
                                    recorder=recorder)
             t_s += time.perf_counter() - t1
             counts = {k: counts.get(k, 0) + v for k, v in cnt.items()}
+            if r == n - 1:
+                _experts_off(c)  # official order: the experts leave the device before the last decode
             t1 = time.perf_counter()
             frames = clips.decode(r, lat, None if preview is None else
                                   lambda f, _r=r: preview(Preview(_r, n, frames=f)))

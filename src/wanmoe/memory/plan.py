@@ -16,8 +16,9 @@ Phases on one GPU, as this engine runs them (pipeline.generate, loading.load_com
   denoise:<expert>: the experts on the device (resident: every expert loaded so far; offload: the running one;
            stream: its non-block weights plus K blocks) plus one DiT forward (batched guidance passes under
            stream, so each block crosses the bus once per step);
-  decode : the VAE decode, with the last expert still on the device (the pipeline decodes each clip before it
-           offloads the experts); S2V also re-encodes the next clip's motion frames while the clip is held.
+  decode : the VAE decode. The experts leave the device before the last clip's decode (official order) except
+           under 'resident'; an S2V clip before the last is decoded with its expert still on the device and
+           re-encodes the next clip's motion frames while the clip is held (planned as the S2V worst case).
 umT5 stays on the device after encoding only under 'resident' (the loader moves it back to the host otherwise).
 Predictions are tensor bytes (torch.cuda.max_memory_allocated); a process peak adds the CUDA context and the
 allocator's cache (~1-3 GB). GB = 1e9 bytes. Policies, the streaming cost and `--vram_gb`: `plan_policy`.
@@ -414,7 +415,8 @@ def plan_memory(cfg, size: str, flags: OffloadFlags | Residency, *, frames: int 
     for n in cfg.experts:  # in sampling order: resident keeps every expert it has loaded
         held = held + on_gpu if res.experts == "resident" else on_gpu
         phases[f"denoise:{n}"] = vae_w + stay + held + dit_t.peak
-    phases["decode"] = vae_w + stay + held + dec_t.peak
+    held_decode = held if res.experts == "resident" or cfg.dit.s2v is not None else 0
+    phases["decode"] = vae_w + stay + held_decode + dec_t.peak
     per_step = 1 if res.batch_cfg else res.passes  # forwards per step
     patches = math.prod(cfg.dit.patch_size)
     return MemoryPlan(cfg.task, size, frames, flags, weights, phases, math.prod(dit_t.shape[2:]) // patches,
