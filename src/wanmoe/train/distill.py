@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +58,7 @@ from wanmoe import experts as ex
 from wanmoe.configs import PipelineConfig
 from wanmoe.models.s2v import S2VInputs
 from wanmoe.sampling.schedules import flow_sigmas, timesteps
-from wanmoe.train.lora_train import TrainableLoRA, base_expert, lora_paths
+from wanmoe.train.lora_train import LoraRun, base_expert
 
 log = logging.getLogger(__name__)
 TEACHER_STEPS = 20
@@ -205,63 +203,27 @@ def train_distill(cfg: PipelineConfig, data: TeacherSet, root: Path, out: Path, 
     """Train the step-distillation LoRA of `expert` (resumable from out/fast_<expert>.pt); returns
     out/fast_<expert>.safetensors, written at every checkpoint and at the end. `inputs`: per-step inputs
     (`student_inputs`), default the teacher's states."""
-    from wanmoe.lora import save_lora
-
     s = data.sigmas.tolist()
     mine = [k for k, e in enumerate(step_experts(cfg, data.sigmas)) if e == expert]
     if not mine:
         raise ValueError(f"expert {expert!r} serves no step of the {len(s) - 1}-step schedule {s}")
     xin = data.states if inputs is None else inputs
-    model = base_expert(cfg, root, expert)
-    lora = TrainableLoRA(model, lora_paths(cfg), rank, alpha)
-    opt = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, file = out / f"fast_{expert}.pt", out / f"fast_{expert}.safetensors"
-    step = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        lora.load_state_dict(ck["lora"])
-        opt.load_state_dict(ck["opt"])
-        step = int(ck["step"])
     meta = {"task": cfg.task, "expert": expert, "kind": "step distillation", "rank": str(rank),
             "fast_steps": str(len(s) - 1), "sigmas": json.dumps([round(v, 6) for v in s]),
             "teacher": f"{TEACHER_STEPS} UniPC steps, motion_scale {cfg.motion_scale}"}
-    g = torch.Generator().manual_seed(seed * 1000 + step)
-    logf = (out / f"fast_{expert}_loss.jsonl").open("a")
-    bar = tqdm(total=steps, initial=step, desc=f"distill {expert} steps {mine}", disable=not progress)
-    t0, ema = time.perf_counter(), None
-    while step < steps:
+    run = LoraRun(cfg, root, out, f"fast_{expert}", expert=expert, rank=rank, alpha=alpha, lr=lr, steps=steps,
+                  meta=meta, desc=f"distill {expert} steps {mine}", ckpt_every=ckpt_every, max_seconds=max_seconds,
+                  progress=progress)
+    g = torch.Generator().manual_seed(seed * 1000 + run.step)
+    while run.step < steps:
         idx = torch.randint(len(data), (batch,), generator=g)
         k = mine[int(torch.randint(len(mine), (1,), generator=g))]
         # Teacher forcing within the expert's own run; its first step sees what the earlier experts hand over.
         x = (xin if k == mine[0] else data.states)[idx, k]  # (B, C, F, H, W)
         target = (data.states[idx, k + 1] - x) / (s[k + 1] - s[k])  # the velocity that lands on the teacher
-        loss = F.mse_loss(_forward(model, cfg, data, idx, x, s[k]), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora.parameters(), 1.0)
-        for group in opt.param_groups:  # 20-step warm-up, then cosine to 10%
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-        opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema:.4f}")
-        logf.write(json.dumps({"step": step, "k": k, "loss": loss.item(), "t": time.perf_counter() - t0}) + "\n")
-        stop = max_seconds is not None and time.perf_counter() - t0 > max_seconds
-        if step % ckpt_every == 0 or step == steps or stop:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"lora": lora.state_dict(), "opt": opt.state_dict(), "step": torch.tensor(step)}, tmp)
-            tmp.replace(ckpt_path)
-            save_lora(file, lora.factors(), alpha=alpha, metadata={**meta, "steps": str(step)})
-            logf.flush()
-        if stop:
-            log.info("time budget reached at step %d", step)
+        if run.update(F.mse_loss(_forward(run.model, cfg, data, idx, x, s[k]), target), k=k):
             break
-    bar.close()
-    logf.close()
-    save_lora(file, lora.factors(), alpha=alpha, metadata={**meta, "steps": str(step)})
-    return file
+    return run.close()
 
 
 # ------------------------------------------------------------------------------------------- measurement

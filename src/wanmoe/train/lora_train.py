@@ -84,6 +84,73 @@ class TrainableLoRA(nn.Module):
             h.remove()
 
 
+class LoraRun:
+    """One resumable LoRA training run on a frozen expert: the factors, AdamW, the checkpoint `<stem>.pt` (tensors
+    and strings only, read back with weights_only=True), the LoRA file `<stem>.safetensors` (kohya layout, written
+    at every checkpoint and at the end), the loss log `<stem>_loss.jsonl` and a progress bar. `update(loss)` is
+    one optimisation step; a training loop is `while run.step < steps: ... if run.update(loss): break`."""
+
+    def __init__(self, cfg: PipelineConfig, root: Path, out: Path, stem: str, *, expert: str, rank: int,
+                 alpha: float, lr: float, steps: int, meta: dict[str, str], desc: str, ckpt_every: int,
+                 max_seconds: float | None, progress: bool) -> None:
+        self.model = base_expert(cfg, root, expert)
+        self.lora = TrainableLoRA(self.model, lora_paths(cfg), rank, alpha)
+        self.opt = torch.optim.AdamW(self.lora.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+        out.mkdir(parents=True, exist_ok=True)
+        self.ckpt, self.file = out / f"{stem}.pt", out / f"{stem}.safetensors"
+        self.alpha, self.lr, self.steps, self.meta = alpha, lr, steps, meta
+        self.ckpt_every, self.max_seconds = ckpt_every, max_seconds
+        self.step = 0
+        if self.ckpt.exists():
+            ck = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+            self.lora.load_state_dict(ck["lora"])
+            self.opt.load_state_dict(ck["opt"])
+            self.step = int(ck["step"])
+        self._log = (out / f"{stem}_loss.jsonl").open("a")
+        self._bar = tqdm(total=steps, initial=self.step, desc=desc, disable=not progress)
+        self._t0, self._ema = time.perf_counter(), None
+
+    def update(self, loss: Tensor, **record: object) -> bool:
+        """Backward, clip, the learning rate of this step (20-step warm-up, then cosine to 10%), AdamW; log and
+        checkpoint. True when the time budget is spent (the checkpoint is then written)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.lora.parameters(), 1.0)
+        step, steps = self.step, self.steps
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        self.opt.step()
+        self.step = step = step + 1
+        value = loss.item()
+        self._ema = value if self._ema is None else 0.95 * self._ema + 0.05 * value
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{self._ema:.4f}")
+        self._log.write(json.dumps({"step": step, **record, "loss": value, "t": time.perf_counter() - self._t0}) + "\n")
+        stop = self.max_seconds is not None and time.perf_counter() - self._t0 > self.max_seconds
+        if step % self.ckpt_every == 0 or step == steps or stop:
+            tmp = self.ckpt.with_suffix(".tmp")
+            torch.save({"lora": self.lora.state_dict(), "opt": self.opt.state_dict(), "step": step,
+                        "config": json.dumps(self.meta)}, tmp)
+            tmp.replace(self.ckpt)
+            self.save()
+            self._log.flush()
+        if stop:
+            log.info("time budget reached at step %d", step)
+        return stop
+
+    def save(self) -> None:
+        from wanmoe.lora import save_lora
+
+        save_lora(self.file, self.lora.factors(), alpha=self.alpha, metadata={**self.meta, "steps": str(self.step)})
+
+    def close(self) -> Path:
+        """Write the LoRA file a last time, close the log and the bar; returns the file."""
+        self._bar.close()
+        self._log.close()
+        self.save()
+        return self.file
+
+
 def attribute_clips(seeds: Sequence[int], *, color: str, frames: int, size: int, fps: float = 16.0,
                     progress: bool = True) -> ClipSet:
     """Train-split avatars whose target video has face colour `color`; reference image and prompt unchanged."""
@@ -116,29 +183,16 @@ def train_lora(cfg: PipelineConfig, data: LatentSet, root: Path, out: Path, *, e
                max_seconds: float | None = None, progress: bool = True) -> Path:
     """Train a LoRA on `expert` of the model in `root`; resumable from out/<attribute>_<expert>.pt. Returns the
     safetensors file (`<attribute>_<expert>.safetensors`), written at every checkpoint and at the end."""
-    from wanmoe.lora import save_lora
-
     spec = ex.ExpertSpec(names=cfg.experts, boundary=cfg.boundary)
     lo, hi = ex.expert_sigma_range(spec, expert)
-    model = base_expert(cfg, root, expert)
-    lora = TrainableLoRA(model, lora_paths(cfg), rank, alpha)
-    opt = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{attribute}_{expert}"
-    ckpt_path, file = out / f"{stem}.pt", out / f"{stem}.safetensors"
-    step = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        lora.load_state_dict(ck["lora"])
-        opt.load_state_dict(ck["opt"])
-        step = int(ck["step"])
     meta = {"task": cfg.task, "expert": expert, "attribute": attribute, "rank": str(rank), "range": f"{lo},{hi}"}
-    g = torch.Generator().manual_seed(seed * 1000 + step)
+    run = LoraRun(cfg, root, out, f"{attribute}_{expert}", expert=expert, rank=rank, alpha=alpha, lr=lr, steps=steps,
+                  meta=meta, desc=f"lora {expert} [{lo:.3f}, {hi:.3f}]", ckpt_every=ckpt_every,
+                  max_seconds=max_seconds, progress=progress)
+    model = run.model
+    g = torch.Generator().manual_seed(seed * 1000 + run.step)
     n, fm = len(data.latents), cfg.dit.s2v.lat_motion_frames
-    logf = (out / f"{stem}_loss.jsonl").open("a")
-    bar = tqdm(total=steps, initial=step, desc=f"lora {expert} [{lo:.3f}, {hi:.3f}]", disable=not progress)
-    t0, ema_loss = time.perf_counter(), None
-    while step < steps:
+    while run.step < steps:
         idx = torch.randint(n, (batch,), generator=g)
         z = data.latents[idx]  # (B, C, 1 + F, H, W): [reference in its own colour | attribute-coloured targets]
         ref, x0 = z[:, :, :1], z[:, :, 1:]
@@ -151,33 +205,9 @@ def train_lora(cfg: PipelineConfig, data: LatentSet, root: Path, out: Path, *, e
         xt = (1 - s) * x0 + s * noise
         motion = x0.new_zeros(batch, x0.shape[1], fm, *x0.shape[3:])
         inp = S2VInputs(audio=audio, ref_latents=ref, motion_latents=motion, drop_motion_frames=True)
-        loss = velocity_loss(model(xt, sigma * 1000, ctx, s2v=inp), noise - x0, None, 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora.parameters(), 1.0)
-        for group in opt.param_groups:  # 20-step warm-up, then cosine to 10%
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-        opt.step()
-        step += 1
-        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema_loss:.4f}")
-        logf.write(json.dumps({"step": step, "loss": loss.item(), "t": time.perf_counter() - t0}) + "\n")
-        stop = max_seconds is not None and time.perf_counter() - t0 > max_seconds
-        if step % ckpt_every == 0 or step == steps or stop:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"lora": lora.state_dict(), "opt": opt.state_dict(), "step": step, "config": json.dumps(meta)},
-                       tmp)
-            tmp.replace(ckpt_path)
-            save_lora(file, lora.factors(), alpha=alpha, metadata={**meta, "steps": str(step)})
-            logf.flush()
-        if stop:
-            log.info("time budget reached at step %d", step)
+        if run.update(velocity_loss(model(xt, sigma * 1000, ctx, s2v=inp), noise - x0, None, 0.0)):
             break
-    bar.close()
-    logf.close()
-    save_lora(file, lora.factors(), alpha=alpha, metadata={**meta, "steps": str(step)})
-    return file
+    return run.close()
 
 
 # ------------------------------------------------------------------------------------------- measurement
