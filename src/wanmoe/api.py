@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from wanmoe import loading, media
-from wanmoe.configs import PRESETS, PipelineConfig, get_preset
+from wanmoe.configs import PRESETS, Distilled, PipelineConfig, get_preset
 from wanmoe.distributed.env import ParallelState
 from wanmoe.inputs import Inputs, read_inputs
 from wanmoe.pipeline import Components, PreviewFn, ProgressFn, generate
@@ -174,15 +174,10 @@ class Pipeline:
     def use_distilled(self) -> None:
         """Switch to the task's shipped few-step option (`PipelineConfig.distilled`): load its step-distillation LoRA
         into each expert and make its settings (e.g. 2 Euler steps) this pipeline's defaults; a call's own settings
-        still win. InputError('distilled') for a task that ships none. docs/lora.md, "Step distillation"."""
+        still win. InputError("distilled") as `distilled_option`. docs/lora.md, "Step distillation"."""
         from wanmoe.configs import ASSETS
 
-        d = self.cfg.distilled
-        if d is None:
-            raise InputError("distilled", f"task {self.cfg.task} ships no distilled option")
-        if self.options.ckpt_dir is not None:
-            raise InputError("distilled", "the shipped distillation LoRAs fit the shipped weights only, not "
-                                          f"{self.options.ckpt_dir}")
+        d = distilled_option(self.cfg, self.options.ckpt_dir)
         for expert, name in d.loras.items():
             self.load_lora(ASSETS / "loras" / name, 1.0, (expert,))
         self.defaults = dict(d.settings)
@@ -227,6 +222,15 @@ class Pipeline:
         if path is not None:
             Path(path).write_text(json.dumps(data, indent=1))
         return data
+
+
+def distilled_option(cfg: PipelineConfig, ckpt_dir: str | os.PathLike | None) -> Distilled:
+    """The task's shipped few-step option; InputError('distilled') when the task ships none or other weights are
+    loaded (its LoRAs fit the shipped weights only)."""
+    if cfg.distilled is None or ckpt_dir is not None:
+        have = ", ".join(sorted(n for n, c in PRESETS.items() if c.distilled is not None))
+        raise InputError("distilled", f"ships only with the embedded weights of {have}")
+    return cfg.distilled
 
 
 def check_budget(cfg: PipelineConfig, req: Request, opts: LoadOptions, cache: dict | None = None) -> None:
@@ -292,8 +296,8 @@ def load(
     cfg, root = resolve(model, ckpt_dir, task)
     if task is not None and ckpt_dir is None and Path(str(model)).is_dir():
         root = str(model)
-    if distilled and cfg.distilled is None:  # refused before anything loads
-        raise InputError("distilled", f"task {cfg.task} ships no distilled option")
+    if distilled:
+        distilled_option(cfg, root)  # refused before anything loads
     parallel = parallel or ParallelState()
     plan_for = None
     if vram_gb is not None and plan_size is not None:
@@ -308,4 +312,5 @@ def load(
     return pipe
 
 
-__all__ = ["load", "resolve", "check_budget", "Pipeline", "Video", "InputError", "Request", "LoadOptions"]
+__all__ = ["load", "resolve", "check_budget", "distilled_option", "Pipeline", "Video", "InputError", "Request",
+           "LoadOptions"]

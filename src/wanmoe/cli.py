@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from wanmoe.api import Pipeline
+from wanmoe.api import Pipeline, distilled_option
 from wanmoe.configs import ASSETS, DEFAULT_TASK, PRESETS, get_preset
 from wanmoe.distributed.env import ParallelState, broadcast_seed, destroy_parallel, init_parallel
 from wanmoe.experts import format_table, schedule_table
@@ -240,10 +240,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg = get_preset(args.task)
         kwargs = request_kwargs(args)
         if args.distilled:
-            if cfg.distilled is None or args.ckpt_dir is not None:
-                have = ", ".join(sorted(n for n, c in PRESETS.items() if c.distilled is not None))
-                raise InputError("distilled", f"ships only with the embedded weights of {have}")
-            kwargs.update({k: v for k, v in cfg.distilled.settings.items() if kwargs.get(k) is None})
+            settings = distilled_option(cfg, args.ckpt_dir).settings
+            kwargs.update({k: v for k, v in settings.items() if kwargs.get(k) is None})
         req = make_request(cfg, **kwargs)  # every setting checked before any weights load
         opts = make_options(cfg, ckpt_dir=args.ckpt_dir, device=args.device, offload_model=args.offload_model,
                             t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype, int8=args.int8,
