@@ -15,9 +15,12 @@ batched under stream, two forwards otherwise (S2V-14B has one expert: two steps 
   plan GB : the planner's denoise peak for the same policy, size and frames, less the VAE (no VAE runs here);
   TFLOP/s : the step's FLOPs (the planner's count) over s/step.
 Each row runs in try/except OutOfMemoryError (an OOM is a result row); memory is freed and the peak reset between
-rows. The default frame count (41; S2V 40) keeps the whole run under 8 minutes on an H100/H200 (at 81 frames the
-attention alone grows 4x); `--frames 81` plans and runs the issue's length. `--budget_s` skips rows that would
-start after that many seconds. In `--reduced` mode (CPU) the seconds mean nothing, `peak` counts the tensors
+rows, and so is PyTorch's cache of pinned host memory (it keeps freed pinned blocks, rounded up to powers of two;
+on a 128 GB host the cached pins of earlier rows once ran the process out of memory). The status column reports
+the pinned host bytes held after each row. At the default frame count (41; S2V 40) the S2V-14B rows took about
+6 minutes on an H200 and the T2V-A14B rows as long again (at 81 frames the attention alone grows 4x): give a short
+lease `--task` or `--budget_s`, which skips rows that would start after that many seconds. `--frames 81` plans and
+runs the issue's length. In `--reduced` mode (CPU) the seconds mean nothing, `peak` counts the tensors
 created during the steps (activations and block copies; a live-bytes tracker), `plan` the planner's prediction of
 that part (in MB), and their ratio is no check: the CPU's SDPA may take its math path, which materialises the scores
 the planner (fused kernels) leaves out.
@@ -75,6 +78,21 @@ def _free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        # Pinned host memory freed by a row stays in PyTorch's host cache (blocks rounded up to a power of two):
+        # without this the next row's or task's host copies ran a 128 GB host out of memory.
+        empty_host = getattr(torch._C, "_accelerator_emptyHostCache", None) or getattr(torch._C, "_host_emptyCache",
+                                                                                       None)
+        if empty_host is not None:
+            empty_host()
+
+
+def host_pinned_gb() -> float:
+    """Pinned host bytes PyTorch's host allocator holds now (allocated and cached), GB; nan where not reported."""
+    try:
+        stats = torch.cuda.host_memory_stats()
+    except (AttributeError, RuntimeError):
+        return float("nan")
+    return stats.get("reserved_bytes.current", float("nan")) / GB
 
 
 def predicted(plan: MemoryPlan, reduced: bool) -> float:
@@ -117,11 +135,13 @@ def run_row(cfg, experts: dict[str, nn.Module], policy: str, size: str, frames: 
                 _sync(device)
                 times.append(time.perf_counter() - t0)
         peak = tracker.peak if tracker is not None else torch.cuda.max_memory_allocated(device)
+        pinned = host_pinned_gb() if device.type == "cuda" else float("nan")
     finally:
         pool.offload_all()  # every expert back to host memory (and un-streamed) for the next row
         pool.close()
         del pool
-    return {"s_per_step": sum(times) / len(times), "steps_s": times, "switch_s": switch, "peak_gb": peak / GB}
+    return {"s_per_step": sum(times) / len(times), "steps_s": times, "switch_s": switch, "peak_gb": peak / GB,
+            "host_pinned_gb": pinned}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         row.update(run_row(cfg, experts, policy, size, frames, device, a.reduced,
                                            warmup=policy == policies[0] or (policy.endswith("int8") and k == 0)))
-                        row["status"] = "ok"
+                        row["status"] = "ok" if math.isnan(row["host_pinned_gb"]) else \
+                            f"ok (pinned host {row['host_pinned_gb']:.1f} GB)"
                         row["tflops"] = plan.step_flops / row["s_per_step"] / 1e12
                     except torch.cuda.OutOfMemoryError as e:
                         row["status"] = f"OOM ({str(e).splitlines()[0][:60]})"
@@ -192,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_format(row, 1e3 if a.reduced else 1.0), flush=True)
         del experts
         _free(device)
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"].startswith("ok")]
     worst = max((abs(r["peak_gb"] / r["plan_gb"] - 1) for r in ok if r["plan_gb"] > 0), default=float("nan"))
     if a.json:
         Path(a.json).write_text(json.dumps({"device": gpu, "flash_attn": flash_available(), "rows": rows}, indent=1))
