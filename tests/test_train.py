@@ -163,3 +163,45 @@ def test_vae_sizes_widened_warm_start_and_time_limit(tmp_path):
     assert json.loads((wide / "vae" / "config.json").read_text())["z_dim"] == 24
     rows = [json.loads(r) for r in (wide / "vae" / "vae_heldout.jsonl").read_text().splitlines()]
     assert rows and all(k in rows[0] for k in ("all", "late", "mouth")) and rows[0]["step"] == 0
+
+
+def test_continuation_clips_train_the_motion_tokens(tmp_path):
+    """Clips after the first: the latents hold the motion frames' own encoding, and training on them (and only
+    then) moves the modules that read motion latents; a shipped expert folder can start the run."""
+    from wanmoe.loading import load_small_vae
+    from wanmoe.train.clips import load_clips
+    from wanmoe.train.loop import LatentSet
+
+    out = tmp_path / "run"
+    for argv in (["clips", "--n", "2"], ["vae"], ["latents", "--n", "2"], ["clips", "--n", "2", "--continuation"],
+                 ["latents", "--n", "2", "--continuation"]):
+        assert train_cli.main([*argv, "--out", str(out), "--smoke", "--quiet"]) == 0
+    cfg = train_cli.PRESETS["s2v-mini"]
+    mf, fm = cfg.dit.s2v.motion_frames, cfg.dit.s2v.lat_motion_frames
+    clips = load_clips(out / "clips.pt")
+    assert clips.video.shape[2] == 8 + mf  # smoke infer_frames 8, then the motion frames
+    cont, first = LatentSet.load(out / "latents_cont.pt"), LatentSet.load(out / "latents.pt")
+    assert cont.cont.all() and cont.motion.shape == (2, first.latents.shape[1], fm, *first.latents.shape[-2:])
+    assert cont.latents.shape == first.latents.shape and first.motion is None
+    vae = load_small_vae(out / "vae" / "vae.safetensors", torch.device("cpu"))
+    with torch.no_grad():  # what the pipeline encodes for clip r > 0: the motion frames alone
+        alone = vae.encode(clips.video_float(0)[None, :, :mf], chunked=False)[0]
+        ref = vae.encode(clips.ref_float(0)[None, :, None], chunked=False)[0]
+    torch.testing.assert_close(cont.motion[0], alone, atol=1e-4, rtol=1e-4)  # kernel rounding only
+    torch.testing.assert_close(cont.latents[0, :, :1], ref, atol=1e-5, rtol=1e-5)
+    both = LatentSet.cat([first, cont])
+    assert both.cont.tolist() == [False, False, True, True] and not both.motion[:2].any()
+    files = f"{out / 'latents.pt'},{out / 'latents_cont.pt'}"
+    shipped = train_cli.Path(__import__("wanmoe").__file__).parent / "assets" / "s2v-mini" / "high_noise_model"
+    moved = {}
+    for frac in ("0", "1"):
+        run = tmp_path / f"frac{frac}"
+        assert train_cli.main(["expert", "--expert", "high", "--out", str(run), "--smoke", "--quiet", "--latents",
+                               files, "--cont_frac", frac, "--init", str(shipped)]) == 0
+        ck = torch.load(run / "experts" / "high.pt", weights_only=True)["model"]
+        from wanmoe import checkpoint
+
+        start = checkpoint.load_dit(shipped, dtype=torch.float32, cfg=cfg.dit).state_dict()
+        moved[frac] = {k for k in start if not torch.equal(start[k], ck[k])}
+    packer = {k for k in moved["1"] if k.startswith("frame_packer.")}
+    assert packer and not any(k.startswith("frame_packer.") for k in moved["0"])

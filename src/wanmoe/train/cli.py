@@ -36,8 +36,14 @@ def frozen_text_encoder(cfg: PipelineConfig):  # noqa: ANN201
     return ByteTextEncoder(cfg.byte_text).eval().requires_grad_(False)
 
 
-def build_latents(cfg: PipelineConfig, clips: ClipSet, vae, text_encoder, *, progress: bool = True):  # noqa: ANN001, ANN201
-    """Encode every clip as [ref | first infer_frames frames], its audio features and its prompt, once."""
+def build_latents(cfg: PipelineConfig, clips: ClipSet, vae, text_encoder, *, progress: bool = True,  # noqa: ANN001, ANN201
+                  continuation: bool = False):
+    """Encode every clip as [ref | first infer_frames frames], its audio features and its prompt, once.
+
+    ``continuation``: instead, each clip as a clip after the first (`pipeline.S2VClips`, r > 0): its first
+    ``motion_frames`` pixel frames are the motion context and the next infer_frames the targets. The window
+    [motion | targets] is encoded in one pass; the causal encoder makes its first latent frames those of the
+    motion frames alone, which is what the pipeline encodes. The reference image is encoded alone."""
     from tqdm import tqdm
 
     from wanmoe.encoders.audio import MelAudioEncoder
@@ -46,7 +52,12 @@ def build_latents(cfg: PipelineConfig, clips: ClipSet, vae, text_encoder, *, pro
 
     mel = MelAudioEncoder(cfg.mel)
     nf = cfg.infer_frames
-    lats, auds = [], []
+    mf = cfg.dit.s2v.motion_frames if continuation else 0
+    fm = cfg.dit.s2v.lat_motion_frames
+    if clips.video.shape[2] < mf + nf:
+        raise ValueError(f"continuation latents need clips of at least {mf + nf} frames (motion {mf} + {nf}); "
+                         f"these have {clips.video.shape[2]} (render them with `wanmoe train clips --continuation`)")
+    lats, auds, motion = [], [], []
     hp, wp = clips.ref.shape[-2:]
     stride = vae.cfg.stride[1]
     mouth = torch.stack([mouth_cells(b, (hp // stride, wp // stride), stride) for b in mouth_boxes(clips)])
@@ -54,15 +65,24 @@ def build_latents(cfg: PipelineConfig, clips: ClipSet, vae, text_encoder, *, pro
         # Batches of 2 through the one-pass encoder: oneDNN kernels at batch >= 2 are several times faster on CPU.
         for i in tqdm(range(0, len(clips), 2), desc="encode clips", disable=not progress):
             idx = list(range(i, min(i + 2, len(clips))))
-            pix = torch.stack([torch.cat([clips.ref_float(j)[:, None], clips.video_float(j)[:, :nf]], dim=1)
-                               for j in idx])  # (b, 3, 1 + nf, Hp, Wp)
-            lats.extend(vae.encode(pix, chunked=False))  # b x (C, 1 + nf/4, H, W)
+            if continuation:
+                ref = vae.encode(torch.stack([clips.ref_float(j)[:, None] for j in idx]), chunked=False)
+                win = vae.encode(torch.stack([clips.video_float(j)[:, : mf + nf] for j in idx]), chunked=False)
+                lats.extend(torch.cat([ref, win[:, :, fm:]], dim=2))  # b x (C, 1 + nf/4, H, W)
+                motion.extend(win[:, :, :fm])  # b x (C, Fm, H, W)
+            else:
+                pix = torch.stack([torch.cat([clips.ref_float(j)[:, None], clips.video_float(j)[:, :nf]], dim=1)
+                                   for j in idx])  # (b, 3, 1 + nf, Hp, Wp)
+                lats.extend(vae.encode(pix, chunked=False))  # b x (C, 1 + nf/4, H, W)
             for j in idx:
-                a = mel(clips.audio[j].numpy(), clips.sr, clips.fps)[..., :nf]  # (1, Dm, <=nf)
+                a = mel(clips.audio[j].numpy(), clips.sr, clips.fps)[..., mf : mf + nf]  # (1, Dm, <=nf)
                 auds.append(torch.nn.functional.pad(a, (0, nf - a.shape[-1])))
         ctx = torch.cat([text_encoder([p]) for p in clips.prompts])  # (N, S, text_dim)
         null = text_encoder([""])[0]
-    return LatentSet(torch.stack(lats), torch.stack(auds), ctx, null, mouth)
+    if not continuation:
+        return LatentSet(torch.stack(lats), torch.stack(auds), ctx, null, mouth)
+    return LatentSet(torch.stack(lats), torch.stack(auds), ctx, null, mouth, torch.stack(motion),
+                     torch.ones(len(lats), dtype=torch.bool))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(scratch or --vae_init)")
     p.add_argument("--dest", type=Path, default=None, help="export: destination folder")
     p.add_argument("--init", type=Path, default=None,
-                   help="expert: start from this checkpoint's EMA weights (e.g. runs/mini/experts/high.pt)")
+                   help="expert: start from this checkpoint's EMA weights (e.g. runs/mini/experts/high.pt) or a "
+                        "shipped expert's folder (e.g. src/wanmoe/assets/s2v-mini/high_noise_model)")
     p.add_argument("--mouth_weight", type=float, default=0.0,
                    help="expert: extra loss weight on the latent cells over the mouth (lip-region loss)")
     p.add_argument("--attribute", default="green", help="lora: the face colour the LoRA paints every face in")
@@ -119,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval_n", type=int, default=6,
                    help="lora/distill: held-out avatars measured after training (0: none)")
     p.add_argument("--steps_fast", type=int, default=2, help="distill: the student's steps (a divisor of 20)")
+    p.add_argument("--continuation", action="store_true",
+                   help="clips: render motion_frames more frames per clip; latents: encode them as clips after the "
+                        "first (motion frames, then targets) into OUT/latents_cont.pt")
+    p.add_argument("--cont_frac", type=float, default=0.5,
+                   help="expert: share of batches drawn from continuation clips, where the latents have them")
+    p.add_argument("--motion_noise", type=float, default=0.1,
+                   help="expert: largest std of the noise added to continuation clips' motion latents")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CI)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -133,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage == "clips":
         from wanmoe.data.avatar import split_seeds
 
-        frames = cfg.infer_frames + 1
+        frames = cfg.infer_frames + (cfg.dit.s2v.motion_frames if a.continuation else 1)
         size = 64 if a.smoke else int(cfg.default_size.split("*")[0])
         seeds = split_seeds("train")[a.start : a.start + a.n]
         save_clips(build_clips(seeds, frames=frames, size=size, progress=progress, speech=a.speech), a.out / "clips.pt")
@@ -144,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
         vae = load_small_vae(a.out / "vae" / "vae.safetensors", torch.device("cpu"))
         clips = load_clips(a.out / "clips.pt").subset(a.n)
-        lat = build_latents(cfg, clips, vae, frozen_text_encoder(cfg), progress=progress)
-        lat.save(a.out / "latents.pt")
+        lat = build_latents(cfg, clips, vae, frozen_text_encoder(cfg), progress=progress, continuation=a.continuation)
+        lat.save(a.out / ("latents_cont.pt" if a.continuation else "latents.pt"))
     elif a.stage == "expert":
         from wanmoe.train.loop import LatentSet, train_expert
 
@@ -154,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         data = LatentSet.cat([LatentSet.load(f) for f in files])
         train_expert(cfg, data, a.out / "experts", expert=a.expert, steps=steps,
                      batch=a.batch, lr=a.lr or 5e-4, progress=progress, mouth_weight=a.mouth_weight, init=a.init,
+                     cont_frac=a.cont_frac, motion_noise=a.motion_noise,
                      max_seconds=None if a.max_minutes is None else a.max_minutes * 60)
     elif a.stage == "lora":
         lora_stage(cfg, a.out, expert=a.expert, attribute=a.attribute, n=2 if a.smoke else a.n,

@@ -49,6 +49,10 @@ class LatentSet:
     context: Tensor  # (N, S, text_dim) frozen text-encoder output
     context_null: Tensor  # (S, text_dim) the empty prompt
     mouth: Tensor | None = None  # (N, 1, 1, H, W) 1 on latent cells covering the mouth box, else 0
+    # Continuation clips (a clip after the first, `pipeline.S2VClips` with r > 0): the latents of the motion frames
+    # that precede the targets, and which rows are such clips; None in a first-clip-only set.
+    motion: Tensor | None = None  # (N, C, Fm, H, W), zeros on first-clip rows
+    cont: Tensor | None = None  # (N,) bool
 
     def save(self, path: Path) -> None:
         tmp = Path(str(path) + ".tmp")
@@ -65,8 +69,17 @@ class LatentSet:
         if len(sets) == 1:
             return sets[0]
         mouth = None if any(s.mouth is None for s in sets) else torch.cat([s.mouth for s in sets])
+        motion = cont = None
+        with_motion = [s for s in sets if s.motion is not None]
+        if with_motion:
+            fm = with_motion[0].motion.shape[2]
+            motion = torch.cat([s.motion if s.motion is not None else
+                                s.latents.new_zeros(s.latents.shape[0], s.latents.shape[1], fm, *s.latents.shape[3:])
+                                for s in sets])
+            cont = torch.cat([s.cont if s.cont is not None else torch.zeros(len(s.latents), dtype=torch.bool)
+                              for s in sets])
         return cls(torch.cat([s.latents for s in sets]), torch.cat([s.audio for s in sets]),
-                   torch.cat([s.context for s in sets]), sets[0].context_null, mouth)
+                   torch.cat([s.context for s in sets]), sets[0].context_null, mouth, motion, cont)
 
 
 def mouth_cells(box: tuple[int, int, int, int], hw: tuple[int, int], stride: int) -> Tensor:
@@ -108,6 +121,24 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             pe.lerp_(pm, 1.0 - decay)
 
 
+def _clip_pools(data: LatentSet, cont_frac: float) -> tuple[Tensor | None, Tensor | None]:
+    """Row indices to draw batches from: (first clips, continuation clips); None where there are none to use."""
+    rows = torch.arange(len(data.latents))
+    if data.cont is None:
+        return rows, None
+    first, cont = rows[~data.cont], rows[data.cont]
+    return (first if len(first) else None), (cont if len(cont) and cont_frac > 0 else None)
+
+
+def _init_state(cfg: PipelineConfig, init: Path) -> dict[str, Tensor]:
+    """Starting weights: a training checkpoint's EMA weights, or a shipped expert folder's weights in fp32."""
+    if init.is_dir():
+        from wanmoe import checkpoint as ck
+
+        return ck.load_dit(init, dtype=torch.float32, cfg=cfg.dit).state_dict()
+    return torch.load(init, map_location="cpu", weights_only=True)["ema"]
+
+
 def jitter_latents(z: Tensor, g: torch.Generator, strength: float = 0.15) -> Tensor:
     """Per-sample, per-channel affine jitter of the latent stream (colour/contrast-like augmentation)."""
     b, c = z.shape[:2]
@@ -119,12 +150,17 @@ def jitter_latents(z: Tensor, g: torch.Generator, strength: float = 0.15) -> Ten
 def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str, steps: int, batch: int = 2,
                  lr: float = 3e-4, shift: float | None = None, drop_text: float = 0.1, drop_audio: float = 0.1,
                  ema_decay: float = 0.995, seed: int = 0, ckpt_every: int = 100, progress: bool = True,
-                 max_seconds: float | None = None, mouth_weight: float = 0.0, init: Path | None = None) -> Path:
+                 max_seconds: float | None = None, mouth_weight: float = 0.0, init: Path | None = None,
+                 cont_frac: float = 0.5, motion_noise: float = 0.1) -> Path:
     """Train `expert` ("high", "low" or "dense" = the whole range) and write out/<expert>.pt; resumable.
 
     ``init``: a checkpoint of an earlier run (its EMA weights start both the model and the EMA; the optimiser
-    and the step count start fresh), used when a run continues from the shipped model after the VAE changed.
-    ``mouth_weight``: extra weight on the latent cells over the mouth (needs ``data.mouth``)."""
+    and the step count start fresh), or a shipped expert's folder (its weights, in fp32), used when a run
+    continues from the shipped model.
+    ``mouth_weight``: extra weight on the latent cells over the mouth (needs ``data.mouth``).
+    ``cont_frac``: where ``data`` has continuation clips, the fraction of batches drawn from them (the model then
+    sees their motion latents, with Gaussian noise of a random strength up to ``motion_noise`` added, since at
+    inference they come from its own decoded frames); the other batches are first clips, without motion tokens."""
     spec = ex.ExpertSpec(names=cfg.experts, boundary=cfg.boundary) if len(cfg.experts) > 1 else ex.DENSE
     lo, hi = (0.0, 1.0) if expert == "dense" else ex.expert_sigma_range(spec, expert)
     shift = cfg.sample_shift if shift is None else shift
@@ -137,9 +173,9 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     step = 0
     if init is not None and not ckpt_path.exists():
-        ck = torch.load(init, map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["ema"])
-        ema.load_state_dict(ck["ema"])
+        state = _init_state(cfg, Path(init))
+        model.load_state_dict(state)
+        ema.load_state_dict(state)
         log.info("initialised %s from %s", expert, init)
     if mouth_weight > 0 and data.mouth is None:
         raise ValueError("mouth_weight > 0 needs latents built with mouth masks (re-run `wanmoe train latents`)")
@@ -150,12 +186,18 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
         opt.load_state_dict(ck["opt"])
         step = int(ck["step"])
     g = torch.Generator().manual_seed(seed * 1000 + step)
-    n, fm = len(data.latents), cfg.dit.s2v.lat_motion_frames
+    fm = cfg.dit.s2v.lat_motion_frames
     logf = (out / f"{expert}_loss.jsonl").open("a")
     bar = tqdm(total=steps, initial=step, desc=f"train {expert} [{lo:.3f}, {hi:.3f}]", disable=not progress)
     t0, ema_loss = time.perf_counter(), None
+    first, cont = _clip_pools(data, cont_frac)
+    if first is None and cont is None:
+        raise ValueError("no clips to train on (continuation clips only, and cont_frac = 0)")
     while step < steps:
-        idx = torch.randint(n, (batch,), generator=g)
+        # One kind of clip per batch (first clips or continuations): the motion tokens are on or off per batch.
+        use_cont = cont is not None and (first is None or float(torch.rand((), generator=g)) < cont_frac)
+        pool = cont if use_cont else first
+        idx = pool[torch.randint(len(pool), (batch,), generator=g)]
         z = data.latents[idx]  # (B, C, 1 + F, H, W)
         if expert == "high":
             z = jitter_latents(z, g)
@@ -169,8 +211,15 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
         noise = torch.randn(x0.shape, generator=g)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise  # flow matching: x_sigma = (1 - sigma) x0 + sigma eps
-        motion = x0.new_zeros(batch, x0.shape[1], fm, *x0.shape[3:])
-        inp = S2VInputs(audio=audio, ref_latents=ref, motion_latents=motion, drop_motion_frames=True)
+        if use_cont:
+            motion = data.motion[idx]  # (B, C, Fm, H, W)
+            if expert == "high":  # the same jitter as the clip's own latents would be better; cheap and close
+                motion = jitter_latents(motion, g)
+            amp = motion_noise * torch.rand(batch, 1, 1, 1, 1, generator=g)
+            motion = motion + amp * torch.randn(motion.shape, generator=g)
+        else:
+            motion = x0.new_zeros(batch, x0.shape[1], fm, *x0.shape[3:])
+        inp = S2VInputs(audio=audio, ref_latents=ref, motion_latents=motion, drop_motion_frames=not use_cont)
         pred = model(xt, sigma * 1000, ctx, s2v=inp)  # (B, C, F, H, W) velocity
         loss = velocity_loss(pred, noise - x0, None if data.mouth is None else data.mouth[idx], mouth_weight)
         opt.zero_grad(set_to_none=True)
