@@ -112,10 +112,11 @@ def test_trace_flops_equal_flop_counter_on_the_real_math_path():
 
 @pytest.mark.parametrize("task", ["t2v-tiny", "s2v-tiny"])
 def test_repeated_calls_are_counted_not_rerun(task):
-    """Skipping the repeats of a block (same signature) gives the full trace's peak and FLOPs exactly."""
+    """Skipping the repeats of a block or an audio-injector layer (same signature) gives the full trace's peak and
+    FLOPs exactly."""
     import dataclasses
 
-    from wanmoe.memory.plan import _dit_inputs
+    from wanmoe.memory.plan import _dit_inputs, _dit_repeats
 
     cfg = get_preset(task)
     s2v = {"s2v": dataclasses.replace(cfg.dit.s2v, audio_inject_layers=(0, 2))} if cfg.dit.s2v else {}
@@ -126,7 +127,7 @@ def test_repeated_calls_are_counted_not_rerun(task):
     for chunk in (None, 7):  # whole sequence, and token chunks (the block returns its input, updated in place)
         dit.token_chunk = chunk
         full = trace(lambda: run(dit))
-        assert trace(lambda: run(dit), repeats=[(b, "forward") for b in dit.blocks]) == full
+        assert trace(lambda: run(dit), repeats=_dit_repeats(dit)) == full
 
 
 def test_repeated_vae_tiles_are_counted_not_rerun():

@@ -7,7 +7,8 @@ dispatch mode that tracks live storage bytes (allocated when an op returns a ten
 tensor dies), so the prediction follows the code, not a formula. Attention is replaced by its fused-kernel
 footprint (output only; flash/SDPA-efficient kernels never materialise the L x L scores). The same trace counts
 the forward's FLOPs (`torch.utils.flop_counter` for matmuls and convolutions, attention counted at its 4 L^2 D).
-A DiT block or VAE tile called again with inputs of the same shapes is counted from its first trace, not rerun.
+A DiT block, S2V audio-injector layer or VAE tile called again with inputs of the same shapes is counted from its
+first trace, not rerun.
 
 Phases on one GPU, as this engine runs them (pipeline.generate, loading.load_components):
   text   : the VAE (loaded first, resident throughout) plus umT5 and its forward, unless the text encoder runs on
@@ -130,7 +131,7 @@ def _signature(v: object) -> object:
 @contextlib.contextmanager
 def _repeats(tracker: LiveBytes, flops: Callable[[], int], extra: list[int],
              methods: Sequence[tuple[object, str]]) -> Iterator[None]:
-    """Within a trace, a call of one of these methods (the DiT's blocks, the VAE's per-tile decode and encode) with
+    """Within a trace, a call of one of these methods (`_dit_repeats`, the VAE's per-tile decode and encode) with
     inputs of a signature seen before is not run again: on meta tensors it would allocate and count exactly what
     the first call did. Its outputs are allocated with the recorded shapes (or are the input they aliased), the
     peak rises by the recorded high-water mark above the call's entry, and extra[0] gets its FLOPs."""
@@ -303,6 +304,16 @@ def _dit_inputs(cfg, frames: int, w: int, h: int, batch: int = 1, *, device: str
     return run
 
 
+def _dit_repeats(dit: nn.Module) -> list[tuple[object, str]]:
+    """The DiT's calls a trace counts once per signature (`trace(repeats=...)`): its blocks and, for S2V, the audio
+    injector's attention and AdaIN layers (called once per latent-frame group under token chunks)."""
+    repeats: list[tuple[object, str]] = [(b, "forward") for b in dit.blocks]
+    inj = getattr(dit, "audio_injector", None)
+    if inj is not None:
+        repeats += [(m, "forward") for m in (*inj.injector, *inj.injector_adain_layers)]
+    return repeats
+
+
 def _frugal_(dit: nn.Module, vae: nn.Module, on: bool) -> None:
     """The memory knobs (token chunks, VAE tiles) on, with the loader's function and defaults, or off."""
     from wanmoe.models.frugal import frugal_
@@ -398,7 +409,7 @@ def plan_memory(cfg, size: str, flags: OffloadFlags | Residency, *, frames: int 
     batch = res.passes if res.batch_cfg else 1
     runner = _dit_inputs(cfg, frames, w, h, batch)
     dit_key = ("dit", cfg.task, size, frames, str(dit_dtype), res.int8, res.frugal, batch)
-    dit_t = _cached(cache, dit_key, lambda: trace(lambda: runner(dit), repeats=[(b, "forward") for b in dit.blocks]))
+    dit_t = _cached(cache, dit_key, lambda: trace(lambda: runner(dit), repeats=_dit_repeats(dit)))
     # VAE traces depend on the VAE, the latent and the knobs only (T2V and I2V share their decode).
     dec_t, enc_t = _vae_traces(cfg, vae, frames, w, h, (cfg.vae, cfg.dit.s2v, size, frames, res.frugal), cache)
     t5_gpu = 0 if res.t5_cpu else weights["text_encoder"]
