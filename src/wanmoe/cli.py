@@ -100,6 +100,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     ours.add_argument("--noise_schedule", default="linear", choices=["linear", "cosine"], help="sigma spacing")
     ours.add_argument("--guidance_scale", type=_guidance, default=None,
                       help="CFG scale: one value, or per expert as high=4.0,low=3.0 (overrides --sample_guide_scale)")
+    ours.add_argument("--clip_context", default=None, choices=["frames", "reference"],
+                      help="s2v: a clip after the first starts from the previous clip's newest frames (official) "
+                           "or afresh from the reference image (nothing carries over; default: task config)")
     ours.add_argument("--motion_scale", type=float, default=None,
                       help="s2v: audio guidance; 1 = plain conditioning, >1 strengthens audio motion, 0 removes it; "
                            "None = the task's (1.0; s2v-mini: 2.0)")
@@ -136,6 +139,7 @@ FLAGS = {
     "guide_scale": "--guidance_scale/--sample_guide_scale", "boundary": "--boundary", "threshold": "--expert_threshold",
     "blend": "--expert_blend", "noise_schedule": "--noise_schedule", "motion_scale": "--motion_scale",
     "num_clip": "--num_clip", "infer_frames": "--infer_frames", "start_from_ref": "--start_from_ref",
+    "clip_context": "--clip_context",
     "image": "--image", "audio": "--audio", "pose_video": "--pose_video", "ckpt_dir": "--ckpt_dir",
     "device": "--device", "offload_model": "--offload_model", "t5_cpu": "--t5_cpu", "int8": "--int8",
     "convert_model_dtype": "--convert_model_dtype", "ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel",
@@ -199,7 +203,8 @@ def request_kwargs(args: argparse.Namespace) -> dict:
                 steps=args.sample_steps, shift=args.sample_shift, solver=args.sample_solver, guide_scale=guide,
                 boundary=args.boundary, threshold=args.expert_threshold, blend=args.expert_blend,
                 noise_schedule=args.noise_schedule, motion_scale=args.motion_scale, num_clip=args.num_clip,
-                infer_frames=args.infer_frames, start_from_ref=args.start_from_ref, cache=args.cache,
+                infer_frames=args.infer_frames, start_from_ref=args.start_from_ref,
+                clip_context=args.clip_context, cache=args.cache,
                 cache_max_skips=args.cache_max_skips, batch_cfg=args.batch_cfg)
 
 

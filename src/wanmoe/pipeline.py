@@ -288,7 +288,9 @@ class I2VClips(T2VClips):
 
 class S2VClips:
     """Speech-to-video: clips of `infer_frames`, each conditioned on its audio, the reference image and the
-    newest decoded frames of the clip before (motion frames), as the official S2V pipeline does."""
+    newest decoded frames of the clip before (motion frames), as the official S2V pipeline does. With
+    `req.clip_context == "reference"` every clip is made as the first one is: no motion frames, decoded after the
+    reference latent (nothing of the clip before is read, so the motion frames are never encoded)."""
 
     def __init__(self, c: Components, req: Request, inputs: Inputs, ctx: Tensor, ctx_null: Tensor) -> None:
         self.c, self.req, self.ctx, self.ctx_null = c, req, ctx, ctx_null
@@ -305,11 +307,12 @@ class S2VClips:
         self.ref_lat = c.vae.encode(ref[None, :, None].float())  # (1, z, 1, H, W)
         self.mf = s2v.motion_frames
         self.drop = cfg.dropped_frames(req.start_from_ref)  # pixel frames clip 0 loses
+        self.fresh = req.clip_context == "reference"  # every clip starts from the reference, as clip 0 does
         lat_hw = (self.hw[0] // st[1], self.hw[1] // st[2])
         self.buf = torch.zeros(1, 3, self.mf, *self.hw, device=c.device)  # pixel motion buffer, oldest first
         if req.start_from_ref:
             self.buf[:, :, -6:] = ref[None, :, None]
-        if self.drop:
+        if self.drop or self.fresh:
             # Clip 0 runs without motion tokens (drop_motion_frames) and decodes after the reference latent: its
             # motion latents are never read, so they are not encoded.
             self.motion_lat = torch.zeros(1, cfg.vae.z_dim, s2v.lat_motion_frames, *lat_hw, device=c.device)
@@ -326,15 +329,20 @@ class S2VClips:
         def s2v(a: Tensor) -> S2VInputs:
             return S2VInputs(audio=a, ref_latents=self.ref_lat.to(c.dtype), motion_latents=self.motion_lat.to(c.dtype),
                              pose_latents=None if self.pose is None else self.pose[r],
-                             drop_motion_frames=bool(self.drop) and r == 0)
+                             drop_motion_frames=self._from_ref(r))
 
         zero = audio * 0  # official uncond: negative prompt and zero audio
         return Conditioning({"context": self.ctx, "s2v": s2v(audio)}, {"context": self.ctx_null, "s2v": s2v(zero)},
                             self.shape, no_audio={"context": self.ctx, "s2v": s2v(zero)})
 
+    def _from_ref(self, r: int) -> bool:
+        """Clip r runs without motion tokens and decodes after the reference latent."""
+        return (bool(self.drop) and r == 0) or self.fresh
+
     def decode(self, r: int, lat: Tensor, emit: Callable[[Tensor], None] | None = None) -> Tensor:
-        first = bool(self.drop) and r == 0
-        z = torch.cat([self.ref_lat if first else self.motion_lat, lat.float()], dim=2)  # (1, z, Fm + F, H, W)
+        first = bool(self.drop) and r == 0  # clip 0 also loses its first `drop` frames
+        prefix = self.ref_lat if self._from_ref(r) else self.motion_lat
+        z = torch.cat([prefix, lat.float()], dim=2)  # (1, z, 1 or Fm, + F, H, W)
         # Decoded frames before the first one kept: all but the last infer_frames, and clip 0's dropped frames.
         skip = 1 + self.c.cfg.vae_stride[0] * (z.shape[2] - 1) - self.req.infer_frames + (self.drop if first else 0)
         with _streamed(self.c.vae, skip, emit):
@@ -342,7 +350,7 @@ class S2VClips:
         frames = dec[:, :, -self.req.infer_frames :]  # (1, 3, infer_frames, Hp, Wp)
         if first:
             frames = frames[:, :, self.drop :]
-        if r + 1 < self.n_clips:  # carry the newest frames over as the next clip's motion context
+        if r + 1 < self.n_clips and not self.fresh:  # carry the newest frames over as the next clip's motion context
             k = min(self.mf, frames.shape[2])
             self.buf = torch.cat([self.buf[:, :, k:], frames[:, :, -k:]], dim=2)
             self.motion_lat = self.c.vae.encode(self.buf)

@@ -40,6 +40,13 @@ class InputError(ValueError):
         super().__init__(f"{field} {detail}")
 
 
+# S2V: what each clip after the first starts from. "frames": the newest decoded frames of the clip before, as
+# motion frames (official: the clips join up, but errors and colour casts carry over from clip to clip);
+# "reference": the reference image, as the first clip does (no motion frames: each clip is drawn afresh from the
+# reference and its own audio, so nothing accumulates, and the clips need not join up smoothly).
+CLIP_CONTEXTS = ("frames", "reference")
+
+
 @dataclass(frozen=True)
 class Request:
     """Every sampling setting of one generation, validated (the JSON sidecar is written from it)."""
@@ -60,6 +67,7 @@ class Request:
     num_clip: int | None = None  # s2v: at most this many clips (None: as many as the audio fills)
     infer_frames: int = 80  # s2v pixel frames per clip
     start_from_ref: bool = False  # s2v: the first clip's motion frames are the reference image
+    clip_context: str = "frames"  # s2v: what a clip after the first starts from (CLIP_CONTEXTS)
     cache: float | None = None  # step caching threshold (accumulated |1 - ratio|); None = off (the official path)
     cache_max_skips: int = 2  # consecutive skipped evaluations at most, per expert
     batch_cfg: bool = False  # guidance passes of a step in one batch (one transformer call); off = official order
@@ -187,6 +195,7 @@ def make_request(
     num_clip: int | None = None,
     infer_frames: int | None = None,
     start_from_ref: bool = False,
+    clip_context: str | None = None,
     cache: float | None = None,
     cache_max_skips: int = 2,
     batch_cfg: bool = False,
@@ -196,7 +205,7 @@ def make_request(
     if not s2v:
         # Refuse rather than silently ignore: a t2v/i2v run has no clips or motion frames to apply these to.
         given = {"num_clip": num_clip, "infer_frames": infer_frames, "start_from_ref": start_from_ref or None,
-                 "motion_scale": motion_scale}
+                 "motion_scale": motion_scale, "clip_context": clip_context}
         bad = [k for k, v in given.items() if v is not None]
         if bad:
             raise InputError(bad[0], f"only applies to s2v tasks, not {cfg.task}")
@@ -252,10 +261,11 @@ def make_request(
         raise InputError("batch_cfg", f"must be true or false, got {batch_cfg!r}")
     if not isinstance(start_from_ref, bool):
         raise InputError("start_from_ref", f"must be true or false, got {start_from_ref!r}")
+    context = check_choice("clip_context", cfg.clip_context if clip_context is None else clip_context, CLIP_CONTEXTS)
     return Request(task=cfg.task, prompt=prompt, negative_prompt=negative_prompt, size=wh, frame_num=frames,
                    seed=seed, steps=n_steps, shift=sh, solver=sol, guide_scale=scales, experts=spec,
                    noise_schedule=sched, motion_scale=ms, num_clip=nc, infer_frames=inf, start_from_ref=start_from_ref,
-                   cache=cache, cache_max_skips=cache_max_skips, batch_cfg=batch_cfg)
+                   clip_context=context, cache=cache, cache_max_skips=cache_max_skips, batch_cfg=batch_cfg)
 
 
 NOT_YET = "is not supported in a single process; run under torchrun (see docs/distributed.md)"

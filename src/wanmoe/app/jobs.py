@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 QUALITY = {"fast": 0.2, "balanced": 0.5, "quality": 1.0}  # fraction of the task's sampling steps
 # Form fields handed to make_request as they are (None = the task's value).
 REQUEST_FIELDS = ("prompt", "negative_prompt", "size", "seed", "steps", "shift", "solver", "guide_scale", "boundary",
-                  "threshold", "blend", "motion_scale", "num_clip", "infer_frames", "cache")
+                  "threshold", "blend", "motion_scale", "num_clip", "infer_frames", "cache", "clip_context")
 STATES = ("queued", "running", "done", "failed", "cancelled")
 
 

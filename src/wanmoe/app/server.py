@@ -34,7 +34,8 @@ log = logging.getLogger("wanmoe.app")
 # HTTP form fields -> how to read them (strings in a multipart form); the rest are strings.
 NUMBERS = {"steps": int, "seed": int, "num_clip": int, "infer_frames": int, "shift": float, "boundary": float,
            "threshold": float, "blend": float, "motion_scale": float, "cache": float}
-TEXTS = ("prompt", "negative_prompt", "tts_text", "tts_voice", "quality", "solver", "size", "guide_scale", "int8")
+TEXTS = ("prompt", "negative_prompt", "tts_text", "tts_voice", "quality", "solver", "size", "guide_scale", "int8",
+         "clip_context")
 MAX_UPLOAD_MB = 64
 
 
