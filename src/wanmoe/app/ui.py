@@ -146,6 +146,8 @@ def _form(cfg: PipelineConfig, can_cache: bool) -> dict[str, gr.components.Compo
         with gr.Row(visible=s2v):
             f["motion_scale"] = gr.Number(value=cfg.motion_scale, label="Motion scale (audio guidance)")
             f["num_clip"] = gr.Number(value=0, precision=0, label="Clips (0: as many as the audio fills)")
+            f["clip_context"] = gr.Dropdown(["frames", "reference"], value=cfg.clip_context,
+                                            label="Later clips start from (the clip before, or the image)")
         with gr.Row():
             f["size"] = gr.Dropdown(list(cfg.sizes) or [cfg.default_size], value=cfg.default_size,
                                     allow_custom_value=True, label="Size (W*H)")
@@ -270,7 +272,7 @@ def _submit(q: JobQueue, vals: dict) -> str:
         form.pop("boundary", None)
         form.pop("blend", None)
     if not s2v:
-        for k in ("motion_scale", "num_clip"):
+        for k in ("motion_scale", "num_clip", "clip_context"):
             form.pop(k, None)
     form["num_clip"] = int(form["num_clip"]) if form.get("num_clip") else None
     seed = str(form.get("seed") or "-1").strip()
@@ -306,7 +308,8 @@ def _restore(q: JobQueue, job_id: str) -> dict:
            "tts_voice": f.get("tts_voice") or VOICES[0], "prompt": f.get("prompt", ""),
            "quality": f.get("quality") or "balanced", "steps": r.steps, "solver": r.solver, "shift": r.shift,
            "seed": str(r.seed), "boundary": f.get("boundary", q.cfg.boundary), "blend": f.get("blend") or 0.0,
-           "motion_scale": r.motion_scale, "num_clip": r.num_clip or 0, "size": r.size_str,
+           "motion_scale": r.motion_scale, "num_clip": r.num_clip or 0, "clip_context": r.clip_context,
+           "size": r.size_str,
            "int8": bool(f.get("int8")), "cache": f.get("cache") or 0.0}
     return out | {f"guide_{n}": r.guide_scale.get(n) for n in experts}
 
