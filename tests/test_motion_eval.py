@@ -51,6 +51,13 @@ def test_long_audio_report_detects_drift(gt_cases: list[dict]) -> None:
     washed[:, -16:] = (washed[:, -16:] + 0.1).clamp(-1, 1)  # the last second brightened by ~13 levels
     rep = motion.long_audio_report(washed, gt, fps=16.0, window_s=1.0)
     assert rep["psnr_drop"] > 1.0 and rep["drift_frame"] > 5.0 and not rep["holds"]
+    # A seam: frames 20-35 of the ground truth shifted down by 6 px, as if a new clip started there re-centred.
+    seam = gt.clone()
+    seam[:, 20:] = torch.roll(seam[:, 20:], 6, dims=2)
+    rep = motion.long_audio_report(seam, gt, fps=16.0, window_s=1.0, seams=[20])
+    assert rep["seam_gt"]["at_seams"] < 2 * rep["seam_gt"]["within_clips"] + 0.5  # the render has no seam
+    assert rep["seam_model"]["at_seams"] > 5 * rep["seam_model"]["within_clips"]
+    assert "seam_model" not in same
 
 
 def test_long_audio_tiny_run_is_finite() -> None:

@@ -47,6 +47,9 @@ SETUPS: dict[str, tuple[str, dict, dict]] = {
     # Step caching per expert at threshold 0.1 (each model's shipped step_cache.json).
     "two-cache": ("", {"cache": 0.1}, {}),
     "one-cache": ("single_expert", {"cache": 0.1}, {}),
+    # Every clip from the reference image (no motion frames carried over): what --long measures it against.
+    "two-ref": ("", {"clip_context": "reference"}, {}),
+    "one-ref": ("single_expert", {"clip_context": "reference"}, {}),
 }
 # Frames the first clip loses (as the official S2V pipeline drops them): generated frame k shows ground-truth
 # frame k + DROPPED.

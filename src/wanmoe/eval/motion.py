@@ -189,8 +189,13 @@ def _mean_rgb(frames01: torch.Tensor, ring: bool) -> np.ndarray:
     return (frames01.reshape(-1, 3).mean(0) * 255).numpy()
 
 
-def long_audio_report(gen: torch.Tensor, gt: torch.Tensor, fps: float, window_s: float = 4.0) -> dict:
-    """PSNR and colour of the first vs the last ``window_s`` seconds of aligned (3, T, H, W) videos in [-1, 1]."""
+def long_audio_report(gen: torch.Tensor, gt: torch.Tensor, fps: float, window_s: float = 4.0,
+                      seams: list[int] | None = None) -> dict:
+    """PSNR and colour of the first vs the last ``window_s`` seconds of aligned (3, T, H, W) videos in [-1, 1].
+
+    ``seams``: the frame indices where a new clip starts; then also the mean absolute change (0-255 levels) from
+    the frame before a seam to the seam frame against the same between the other consecutive frames, for both
+    videos (a clip that does not join up with the one before shows as a larger change at the seams)."""
     from wanmoe.eval.metrics import psnr
 
     if gen.shape != gt.shape:
@@ -213,6 +218,14 @@ def long_audio_report(gen: torch.Tensor, gt: torch.Tensor, fps: float, window_s:
     sec = int(round(fps))
     out["psnr_per_second"] = [psnr(gen[:, k : k + sec], gt[:, k : k + sec]) for k in range(0, t - sec + 1, sec)]
     out["holds"] = bool(out["psnr_drop"] <= 1.0 and max(out["drift_frame"], out["drift_background"]) <= DRIFT_MAX)
+    seams = [k for k in (seams or []) if 0 < k < t]
+    if seams:
+        for name, v in (("model", gen), ("gt", gt)):
+            step = (v[:, 1:] - v[:, :-1]).abs().mean(dim=(0, 2, 3)) * 127.5  # (T - 1,) change into frame k + 1
+            at = torch.zeros(t - 1, dtype=torch.bool)
+            at[[k - 1 for k in seams]] = True
+            out[f"seam_{name}"] = {"at_seams": float(step[at].mean()), "within_clips": float(step[~at].mean())}
+        out["seams"] = seams
     return out
 
 
@@ -227,7 +240,9 @@ def run_long(pipe, seconds: float = 30.0, source: str = "espeak", seed: int = 0,
     video = pipe(s.prompt, image=_uint8_image(s.ref), audio=(audio, sr), seed=seed, **settings)
     drop = pipe.cfg.dropped_frames(start_from_ref=False)
     t = min(video.frames.shape[1], s.video.shape[1] - drop)  # the last clip runs past the audio: not scored
-    rep = long_audio_report(video.frames[:, :t], s.video[:, drop : drop + t], pipe.cfg.sample_fps, window_s)
+    nf = int(video.request.infer_frames)
+    seams = list(range(nf - drop, t, nf))  # clip 0 keeps infer_frames - drop frames, the others infer_frames
+    rep = long_audio_report(video.frames[:, :t], s.video[:, drop : drop + t], pipe.cfg.sample_fps, window_s, seams)
     return {"seconds": seconds, "audio": what, "avatar": avatar, "prompt": s.prompt, "seed": seed,
             "settings": dict(settings), "clips": int(video.timings.get("clips", 0)),
             "generate_s": float(video.timings.get("generate_s", math.nan)), **rep}
@@ -280,6 +295,10 @@ def long_markdown(res: dict) -> str:
              f"drift beyond gt {rgb(b['drift'])} |",
              f"| mean RGB, ground truth, background ring | {rgb(b['gt_first'])} | {rgb(b['gt_last'])} | |", "",
              "PSNR per second: " + ", ".join(f"{p:.1f}" for p in res["psnr_per_second"]), "",
+             *([f"Clip seams ({len(res['seams'])}): mean |frame change| into a clip's first frame "
+                f"{res['seam_model']['at_seams']:.2f} levels against {res['seam_model']['within_clips']:.2f} between "
+                f"the other frames (ground truth {res['seam_gt']['at_seams']:.2f} and "
+                f"{res['seam_gt']['within_clips']:.2f}).", ""] if res.get("seams") else []),
              f"Item 4 (last window within 1 dB of the first, colour drift <= {DRIFT_MAX:g}/255 per channel): "
              f"**{'holds' if res['holds'] else 'does not hold'}** (PSNR drop {res['psnr_drop']:.2f} dB, colour "
              f"drift {res['drift_frame']:.1f} (frame) and {res['drift_background']:.1f} (background) levels)."]
