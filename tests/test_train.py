@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from wanmoe.train import cli as train_cli
@@ -205,3 +206,9 @@ def test_continuation_clips_train_the_motion_tokens(tmp_path):
         moved[frac] = {k for k in start if not torch.equal(start[k], ck[k])}
     packer = {k for k in moved["1"] if k.startswith("frame_packer.")}
     assert packer and not any(k.startswith("frame_packer.") for k in moved["0"])
+    # The packer can learn faster than the rest (it starts untrained): its own parameter group at 10x the rate.
+    run = tmp_path / "mult"
+    assert train_cli.main(["expert", "--expert", "high", "--out", str(run), "--smoke", "--quiet", "--latents",
+                           files, "--cont_frac", "1", "--motion_lr_mult", "10"]) == 0
+    groups = torch.load(run / "experts" / "high.pt", weights_only=True)["opt"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])

@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                         "first (motion frames, then targets) into OUT/latents_cont.pt")
     p.add_argument("--cont_frac", type=float, default=0.5,
                    help="expert: share of batches drawn from continuation clips, where the latents have them")
+    p.add_argument("--motion_lr_mult", type=float, default=1.0,
+                   help="expert: learning-rate multiplier for the motion-frame packer (untrained in a model that saw "
+                        "first clips only)")
     p.add_argument("--motion_noise", type=float, default=0.1,
                    help="expert: largest std of the noise added to continuation clips' motion latents")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CI)")
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         data = LatentSet.cat([LatentSet.load(f) for f in files])
         train_expert(cfg, data, a.out / "experts", expert=a.expert, steps=steps,
                      batch=a.batch, lr=a.lr or 5e-4, progress=progress, mouth_weight=a.mouth_weight, init=a.init,
-                     cont_frac=a.cont_frac, motion_noise=a.motion_noise,
+                     cont_frac=a.cont_frac, motion_noise=a.motion_noise, motion_lr_mult=a.motion_lr_mult,
                      max_seconds=None if a.max_minutes is None else a.max_minutes * 60)
     elif a.stage == "lora":
         lora_stage(cfg, a.out, expert=a.expert, attribute=a.attribute, n=2 if a.smoke else a.n,

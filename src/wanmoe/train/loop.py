@@ -121,6 +121,9 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             pe.lerp_(pm, 1.0 - decay)
 
 
+MOTION_MODULES = ("frame_packer.",)  # DiT parameters that only continuation clips (motion tokens) train
+
+
 def _clip_pools(data: LatentSet, cont_frac: float) -> tuple[Tensor | None, Tensor | None]:
     """Row indices to draw batches from: (first clips, continuation clips); None where there are none to use."""
     rows = torch.arange(len(data.latents))
@@ -151,7 +154,7 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
                  lr: float = 3e-4, shift: float | None = None, drop_text: float = 0.1, drop_audio: float = 0.1,
                  ema_decay: float = 0.995, seed: int = 0, ckpt_every: int = 100, progress: bool = True,
                  max_seconds: float | None = None, mouth_weight: float = 0.0, init: Path | None = None,
-                 cont_frac: float = 0.5, motion_noise: float = 0.1) -> Path:
+                 cont_frac: float = 0.5, motion_noise: float = 0.1, motion_lr_mult: float = 1.0) -> Path:
     """Train `expert` ("high", "low" or "dense" = the whole range) and write out/<expert>.pt; resumable.
 
     ``init``: a checkpoint of an earlier run (its EMA weights start both the model and the EMA; the optimiser
@@ -160,7 +163,9 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
     ``mouth_weight``: extra weight on the latent cells over the mouth (needs ``data.mouth``).
     ``cont_frac``: where ``data`` has continuation clips, the fraction of batches drawn from them (the model then
     sees their motion latents, with Gaussian noise of a random strength up to ``motion_noise`` added, since at
-    inference they come from its own decoded frames); the other batches are first clips, without motion tokens."""
+    inference they come from its own decoded frames); the other batches are first clips, without motion tokens.
+    ``motion_lr_mult``: learning-rate multiplier for the modules that only continuation clips train (the motion
+    frame packer), which a model trained on first clips alone has never updated."""
     spec = ex.ExpertSpec(names=cfg.experts, boundary=cfg.boundary) if len(cfg.experts) > 1 else ex.DENSE
     lo, hi = (0.0, 1.0) if expert == "dense" else ex.expert_sigma_range(spec, expert)
     shift = cfg.sample_shift if shift is None else shift
@@ -170,7 +175,12 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
     model = DiT(cfg.dit)
     model.init_weights()
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    # One parameter group unless the motion modules get their own rate (so earlier checkpoints still resume).
+    split = motion_lr_mult != 1.0
+    motion = [p for n, p in model.named_parameters() if split and n.startswith(MOTION_MODULES)]
+    rest = [p for n, p in model.named_parameters() if not (split and n.startswith(MOTION_MODULES))]
+    groups = [{"params": rest, "lr_mult": 1.0}] + ([{"params": motion, "lr_mult": motion_lr_mult}] if motion else [])
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     step = 0
     if init is not None and not ckpt_path.exists():
         state = _init_state(cfg, Path(init))
@@ -227,7 +237,7 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         warm = min(1.0, (step + 1) / 100)  # linear warm-up, then cosine to 10%
         for group in opt.param_groups:
-            group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            group["lr"] = group["lr_mult"] * lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         opt.step()
         update_ema(ema, model, ema_decay if step > 200 else 0.0)
         step += 1
