@@ -53,6 +53,7 @@ def test_reference_context_starts_every_clip_from_the_reference(tiny_ckpt, media
     assert not torch.equal(quiet_official[:, first:], official[:, first:])
     assert pipe.request(clip_context="reference").clip_context == "reference"
     assert pipe.request().clip_context == "frames"  # the official default
+    assert wanmoe.load("s2v-mini").request().clip_context == "reference"  # the embedded model's (measured) default
 
 
 def test_clip_context_is_validated(tiny_ckpt):
