@@ -43,7 +43,7 @@ def test_motion_energy_units_and_constant_video(gt_cases: list[dict]) -> None:
     assert motion.motion_energy(shifted) == pytest.approx(math.sqrt(2), rel=0.02)
 
 
-def test_long_audio_report_detects_drift(gt_cases: list[dict]) -> None:
+def test_long_audio_report_detects_drift(gt_cases: list[dict], tmp_path) -> None:
     gt = gt_cases[1]["sample"].video  # (3, 36, H, W)
     same = motion.long_audio_report(gt.clone(), gt, fps=16.0, window_s=1.0)
     assert same["psnr_drop"] == 0.0 and same["drift_frame"] == 0.0 and same["holds"]
@@ -58,14 +58,27 @@ def test_long_audio_report_detects_drift(gt_cases: list[dict]) -> None:
     assert rep["seam_gt"]["at_seams"] < 2 * rep["seam_gt"]["within_clips"] + 0.5  # the render has no seam
     assert rep["seam_model"]["at_seams"] > 5 * rep["seam_model"]["within_clips"]
     assert "seam_model" not in same
+    # The strip shows the frames it says, where it says.
+    from PIL import Image
+
+    idx = motion.save_strip(tmp_path / "strip.png", [gt, washed], columns=3)
+    img = torch.from_numpy(np.asarray(Image.open(tmp_path / "strip.png"))).permute(2, 0, 1).float() / 127.5 - 1
+    h, w = gt.shape[2:]
+    assert idx == [0, 18, 35]  # round(17.5) = 18
+    assert (img[:, h + 2 :, 2 * (w + 2) :] - washed[:, 35]).abs().max() <= 1 / 127.5
+    assert (img[:, :h, w + 2 : 2 * w + 2] - gt[:, 18]).abs().max() <= 1 / 127.5
 
 
-def test_long_audio_tiny_run_is_finite() -> None:
+def test_long_audio_tiny_run_is_finite(tmp_path) -> None:
+    from PIL import Image
+
     import wanmoe
 
     torch.set_num_threads(1)
     pipe = wanmoe.load("s2v-mini")
-    res = motion.run_long(pipe, seconds=3.0, source="procedural", window_s=1.0, steps=2)
+    res = motion.run_long(pipe, seconds=3.0, source="procedural", window_s=1.0, strip=tmp_path / "s.png", steps=2)
+    strip = Image.open(tmp_path / "s.png")  # ground truth above the model, STRIP_COLUMNS frames of 128x128
+    assert strip.size == (motion.STRIP_COLUMNS * 130 - 2, 2 * 130 - 2)
     assert res["clips"] == 1 and res["window_frames"] == 16
     assert res["frames"] == 48 - pipe.cfg.dropped_frames(start_from_ref=False)
     nums = [res[k] for k in ("psnr_first", "psnr_last", "psnr_drop", "drift_frame", "drift_background")]

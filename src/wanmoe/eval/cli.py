@@ -172,8 +172,11 @@ def run_checks(a: argparse.Namespace, root: Path, names: list[str], argv: list[s
             md += ["", f"## {name}: prompt motion", "", motion.motion_markdown(r)]
         if a.long:
             print(f"long audio {name} ...", file=sys.stderr, flush=True)
-            results[f"{name}/long"] = r = motion.run_long(pipe, a.long, a.long_source, a.seed, **settings)
-            md += ["", f"## {name}: long audio", "", motion.long_markdown(r)]
+            strip = a.out / f"long_{name}.png"
+            results[f"{name}/long"] = r = motion.run_long(pipe, a.long, a.long_source, a.seed, strip=strip, **settings)
+            md += ["", f"## {name}: long audio", "", motion.long_markdown(r), "",
+                   f"![ground truth (top) and {name} (bottom), {motion.STRIP_COLUMNS} frames from first to last]"
+                   f"({strip.name})"]
     (a.out / "motion_long.json").write_text(json.dumps(results, indent=2))
     (a.out / "motion_long.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -189,6 +190,26 @@ def _mean_rgb(frames01: torch.Tensor, ring: bool) -> np.ndarray:
     return (frames01.reshape(-1, 3).mean(0) * 255).numpy()
 
 
+STRIP_COLUMNS = 6
+
+
+def save_strip(path: Path, rows: list[torch.Tensor], columns: int = STRIP_COLUMNS) -> list[int]:
+    """One PNG: a row per (3, T, H, W) video in [-1, 1] (equal T), `columns` frames spread evenly from the first
+    to the last, 2-pixel white gaps. Returns the frame indices shown."""
+    t = rows[0].shape[1]
+    idx = [round(k * (t - 1) / max(columns - 1, 1)) for k in range(columns)]
+    h, w = rows[0].shape[2:]
+    g = 2
+    canvas = torch.ones(3, len(rows) * (h + g) - g, columns * (w + g) - g)
+    for r, v in enumerate(rows):
+        for c, k in enumerate(idx):
+            canvas[:, r * (h + g) : r * (h + g) + h, c * (w + g) : c * (w + g) + w] = v[:, k].clamp(-1, 1)
+    from wanmoe import media
+
+    media.save_png(path, canvas)
+    return idx
+
+
 def long_audio_report(gen: torch.Tensor, gt: torch.Tensor, fps: float, window_s: float = 4.0,
                       seams: list[int] | None = None) -> dict:
     """PSNR and colour of the first vs the last ``window_s`` seconds of aligned (3, T, H, W) videos in [-1, 1].
@@ -230,8 +251,10 @@ def long_audio_report(gen: torch.Tensor, gt: torch.Tensor, fps: float, window_s:
 
 
 def run_long(pipe, seconds: float = 30.0, source: str = "espeak", seed: int = 0, avatar: int | None = None,  # noqa: ANN001
-             window_s: float = 4.0, **settings: object) -> dict:
-    """The model's video of a ``seconds`` held-out clip vs the ground-truth render of the same avatar and audio."""
+             window_s: float = 4.0, strip: Path | None = None, **settings: object) -> dict:
+    """The model's video of a ``seconds`` held-out clip vs the ground-truth render of the same avatar and audio.
+
+    ``strip``: also save a PNG there, ground truth above the model, at STRIP_COLUMNS evenly spaced frames."""
     from wanmoe.data.avatar import render_from_audio, sample_params, split_seeds
 
     audio, sr, what = long_clip_audio(seconds, source)
@@ -243,6 +266,8 @@ def run_long(pipe, seconds: float = 30.0, source: str = "espeak", seed: int = 0,
     nf = int(video.request.infer_frames)
     seams = list(range(nf - drop, t, nf))  # clip 0 keeps infer_frames - drop frames, the others infer_frames
     rep = long_audio_report(video.frames[:, :t], s.video[:, drop : drop + t], pipe.cfg.sample_fps, window_s, seams)
+    if strip is not None:
+        save_strip(strip, [s.video[:, drop : drop + t], video.frames[:, :t]])
     return {"seconds": seconds, "audio": what, "avatar": avatar, "prompt": s.prompt, "seed": seed,
             "settings": dict(settings), "clips": int(video.timings.get("clips", 0)),
             "generate_s": float(video.timings.get("generate_s", math.nan)), **rep}
