@@ -62,7 +62,7 @@ def test_long_audio_report_detects_drift(gt_cases: list[dict], tmp_path) -> None
     from PIL import Image
 
     idx = motion.save_strip(tmp_path / "strip.png", [gt, washed], columns=3)
-    img = torch.from_numpy(np.asarray(Image.open(tmp_path / "strip.png"))).permute(2, 0, 1).float() / 127.5 - 1
+    img = torch.from_numpy(np.array(Image.open(tmp_path / "strip.png"))).permute(2, 0, 1).float() / 127.5 - 1
     h, w = gt.shape[2:]
     assert idx == [0, 18, 35]  # round(17.5) = 18
     assert (img[:, h + 2 :, 2 * (w + 2) :] - washed[:, 35]).abs().max() <= 1 / 127.5
