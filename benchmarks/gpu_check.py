@@ -105,7 +105,7 @@ def predicted(plan: MemoryPlan, reduced: bool) -> float:
 
 
 def run_row(cfg, experts: dict[str, nn.Module], policy: str, size: str, frames: int, device: torch.device,  # noqa: ANN001
-            reduced: bool, warmup: bool) -> dict:
+            reduced: bool, warmup: bool, staging: int = 0) -> dict:
     """Two denoising steps under `policy`; the timings, the switch and the peak (raises OutOfMemoryError)."""
     res = residency(policy)
     w, h = (int(v) for v in size.split("*"))
@@ -114,7 +114,8 @@ def run_row(cfg, experts: dict[str, nn.Module], policy: str, size: str, frames: 
     forward = _dit_inputs(cfg, frames, w, h, batch, device=device, dtype=DTYPE)
     # Resident experts cross the bus once, untimed: not pinning them saves the run ~5 s per expert and row.
     pool = ExpertPool({n: (lambda m=m: m) for n, m in experts.items()}, device, res.experts,
-                      stream_ahead=STREAM_AHEAD, pin_memory=None if res.experts != "resident" else False)
+                      stream_ahead=STREAM_AHEAD, pin_memory=None if res.experts != "resident" else False,
+                      stream_staging=staging if res.experts == "stream" else 0)
     times, switch = [], 0.0
     tracker = LiveBytes() if reduced else None
     try:
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", action="append", help="W*H sizes (default: the two of each task listed above)")
     p.add_argument("--budget_s", type=float, default=450.0, help="start no row after this many seconds")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--staging", type=int, default=0,
+                   help="stream rows copy blocks through this many pinned staging buffers instead of pinning the "
+                        "experts (wanmoe.memory.stream, 'Staging ring'; 0: pin them)")
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     if not a.reduced and not torch.cuda.is_available():
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     policies = sorted(set(a.policy or DEFAULT_ROWS), key=DEFAULT_ROWS.index)
     gpu = "cpu" if a.reduced else torch.cuda.get_device_name(device)
     print(f"gpu_check: device {gpu}, torch {torch.__version__}, flash-attn "
-          f"{'available' if flash_available() else 'not installed (SDPA)'}, K = {STREAM_AHEAD}, bf16")
+          f"{'available' if flash_available() else 'not installed (SDPA)'}, K = {STREAM_AHEAD}, bf16"
+          + (f", stream rows through a staging ring of {a.staging} pinned buffers" if a.staging else ""))
     unit = "MB" if a.reduced else "GB"  # the tiny models' numbers are a few MB
     head = (f"{'task':9s} {'size':9s} {'frames':>6s} {'policy':12s} {'s/step':>8s} {'switch s':>8s} "
             f"{'peak ' + unit:>8s} {'plan ' + unit:>8s} {'peak/plan':>9s} {'TFLOP/s':>8s} status")
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 _free(device)
                 quantized = True
             for k, size in enumerate(sizes):
-                row = {"task": task, "size": size, "frames": frames, "policy": policy}
+                row = {"task": task, "size": size, "frames": frames, "policy": policy,
+                       "staging": a.staging if policy.startswith("stream") else 0}
                 plan = plan_memory(cfg, size, residency(policy, t5_cpu=True), frames=frames, cache=cache)
                 row["plan_gb"] = predicted(plan, a.reduced)
                 if time.perf_counter() - t_start > a.budget_s:
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     try:
                         row.update(run_row(cfg, experts, policy, size, frames, device, a.reduced,
-                                           warmup=policy == policies[0] or (policy.endswith("int8") and k == 0)))
+                                           warmup=policy == policies[0] or (policy.endswith("int8") and k == 0),
+                                           staging=a.staging))
                         row["status"] = "ok" if math.isnan(row["host_pinned_gb"]) else \
                             f"ok (pinned host {row['host_pinned_gb']:.1f} GB)"
                         row["tflops"] = plan.step_flops / row["s_per_step"] / 1e12

@@ -37,3 +37,13 @@ def test_reduced_mode_prints_a_finite_row_per_task_and_policy(tmp_path, capsys):
     by = {(r["task"], r["policy"]): r for r in rows}
     assert by[("t2v-tiny", "stream+int8")]["peak_gb"] < by[("t2v-tiny", "stream")]["peak_gb"]
     assert text.strip().splitlines()[-1].startswith("SUMMARY gpu_check: 8 rows, 8 ok, 0 OOM")
+
+
+def test_reduced_mode_streams_through_a_staging_ring(tmp_path):
+    gpu_check = _load()
+    out_json = tmp_path / "rows.json"
+    rc = gpu_check.main(["--reduced", "--task", "t2v-tiny", "--size", "64*64", "--policy", "stream", "--policy",
+                         "offload", "--staging", "2", "--json", str(out_json)])
+    rows = json.loads(out_json.read_text())["rows"]
+    assert rc == 0 and all(r["status"] == "ok" for r in rows)
+    assert {r["policy"]: r["staging"] for r in rows} == {"offload": 0, "stream": 2}

@@ -67,6 +67,38 @@ def test_stream_equals_resident_and_counts_k_blocks(preset, ahead):
         assert torch.equal(model(*args, **kw), ref)
 
 
+@pytest.mark.parametrize(("preset", "staging"), [("t2v-a14b-tiny", 1), ("s2v-14b-tiny", 2), ("t2v-a14b-tiny", 3)])
+def test_staging_ring_equals_resident_and_leaves_host_tensors_alone(preset, staging):
+    """Blocks copied through N staging buffers: the same output, the same K-block bound, N buffers of the largest
+    block (64-byte aligned tensors), the host tensors neither pinned nor replaced nor written."""
+    model = tiny_dit(preset)
+    args, kw = inputs(model)
+    with torch.no_grad():
+        ref = model(*args, **kw)
+    host = {n: (t.data_ptr(), t.clone()) for n, t in model.blocks.state_dict(keep_vars=True).items()}
+    tracker = ResidentBytes()
+    handle = stream_(model, "cpu", ahead=2, tracker=tracker, staging=staging)
+    aligned = max(sum(-(-t.numel() * t.element_size() // 64) * 64 for t in b.state_dict().values())
+                  for b in model.blocks)
+    assert handle.staging_bytes == staging * aligned
+    with torch.no_grad():
+        outs = [model(*args, **kw) for _ in range(2)]
+    assert all(torch.equal(o, ref) for o in outs)
+    assert tracker.copies == 2 * LAYERS and tracker.live == 0 and tracker.peak == 2 * block_bytes(model.blocks[0])
+    # The ring was used: the buffer written last holds the last block's tensors, back to back.
+    last = handle._stages[(handle._next_stage - 1) % staging].buf
+    first = next(iter(model.blocks[-1].state_dict().values()))
+    assert torch.equal(last[: first.numel() * first.element_size()].view(first.dtype).view(first.shape), first)
+    for name, t in model.blocks.state_dict(keep_vars=True).items():
+        assert t.data_ptr() == host[name][0] and torch.equal(t, host[name][1]) and not t.is_pinned()
+    handle.remove()
+    assert handle.staging_bytes == 0
+    with pytest.raises(ValueError, match="staging"):
+        stream_(model, "cpu", staging=-1)
+    with pytest.raises(ValueError, match="stream_staging"):
+        ExpertPool({"a": lambda: model}, "cpu", "stream", stream_staging=True)
+
+
 def test_blocks_hold_device_copies_only_in_their_window():
     """While block i runs it reads fresh copies (not the host tensors); blocks outside [i, i+K) hold host ones."""
     model, ahead = tiny_dit("t2v-a14b-tiny"), 2
@@ -161,6 +193,14 @@ def test_cuda_stream_equals_resident_within_k_blocks():
     assert handle.tracker.copies == 3 * LAYERS and handle.tracker.live == 0
     assert handle.tracker.peak == ahead * block_bytes(model.blocks[0])
     assert all(not t.is_cuda for t in model.blocks.parameters())
+    # Through a staging ring of two pinned buffers: blocks stay pageable, the output is the same.
+    model = tiny_dit("t2v-a14b-tiny")
+    handle = stream_(model, "cuda", ahead=ahead, staging=2)
+    assert not any(t.is_pinned() for t in model.blocks.parameters()) and all(s.buf.is_pinned() for s in handle._stages)
+    with torch.no_grad():
+        outs = [model(*(a.cuda() for a in args), **kw).cpu() for _ in range(3)]
+    handle.remove()
+    assert all(torch.equal(o, ref) for o in outs)
 
 
 # ------------------------------------------------------------------------------------------- expert pool
@@ -190,8 +230,8 @@ def denoise(pool: ExpertPool, cfg) -> torch.Tensor:  # noqa: ANN001
     return x
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_pool_stream_switches_experts_like_resident(expert_files, int8):
+@pytest.mark.parametrize(("int8", "staging"), [(False, 0), (True, 0), (True, 2)])
+def test_pool_stream_switches_experts_like_resident(expert_files, int8, staging):
     from wanmoe.checkpoint import load_dit
 
     root, cfg = expert_files
@@ -199,8 +239,9 @@ def test_pool_stream_switches_experts_like_resident(expert_files, int8):
     with ExpertPool(loaders, "cpu", "resident") as pool:
         ref = denoise(pool, cfg)
     assert "stream" in POLICIES
-    with ExpertPool(loaders, "cpu", "stream", stream_ahead=2) as pool:
+    with ExpertPool(loaders, "cpu", "stream", stream_ahead=2, stream_staging=staging) as pool:
         assert torch.equal(denoise(pool, cfg), ref)
+        assert all(bool(h._stages) == bool(staging) for h in pool._streams.values())
         assert pool.loads == {"high": 1, "low": 1}
         assert pool.stream_bytes.copies == 4 * cfg.num_layers
         high, low = pool._modules["high"], pool._modules["low"]
@@ -269,3 +310,31 @@ def test_pipeline_batches_guidance_under_stream(tiny_ckpt):
     torch.testing.assert_close(streamed.frames, plain.frames, atol=1e-4, rtol=0)
     pipe.components.experts.close()
     old.close()
+
+
+def test_load_options_carry_the_staging_ring(tiny_ckpt):
+    """stream_staging reaches the expert pool when the policy streams, and is refused without vram_gb (the only way
+    to a stream policy), from the API and the command line alike."""
+    import dataclasses as dc
+
+    import wanmoe
+    from wanmoe import loading
+    from wanmoe.cli import main
+    from wanmoe.configs import get_preset
+    from wanmoe.request import InputError, LoadOptions
+
+    cfg, root = get_preset("t2v-tiny"), str(tiny_ckpt("t2v-tiny"))
+    kw = {"seed": 4, "steps": 2, "guide_scale": 3.0, "prompt": "a cat"}
+    frames = {}
+    for staging in (0, 2):
+        opts = LoadOptions(ckpt_dir=root, device="cpu", policy="stream", offload_model=True, stream_staging=staging)
+        pipe = wanmoe.api.Pipeline(cfg, loading.load_components(cfg, opts), opts)
+        assert pipe.components.experts.stream_staging == staging
+        frames[staging] = pipe(**kw).frames
+        pipe.components.experts.close()
+    assert torch.equal(frames[0], frames[2])
+    opts = dc.replace(opts, policy="offload")  # a policy that keeps experts whole: the ring is not used
+    assert loading.load_components(cfg, opts).experts.stream_staging == 0
+    with pytest.raises(InputError, match="stream_staging.*vram_gb"):
+        wanmoe.load(root, stream_staging=2)
+    assert main(["generate", "--task", "t2v-tiny", "--ckpt_dir", root, "--stream_staging", "2"]) == 2

@@ -282,6 +282,7 @@ def load(
     compile: bool = False,
     vram_gb: float | None = None,
     plan_size: str | tuple[int, int] | None = None,
+    stream_staging: int = 0,
     distilled: bool = False,
     parallel: ParallelState | None = None,
     **parallel_flags: object,
@@ -292,6 +293,8 @@ def load(
     vram_gb (CUDA): run the fastest residency policy the planner predicts to fit this many GB, planned at
     `plan_size` (default: the task's default size) and the task's frames; a call whose size or frames need more
     raises InputError('vram_gb') before any work. docs/performance.md, "Planning and --vram_gb".
+    stream_staging (with vram_gb): when a stream policy is chosen, copy blocks through this many pinned buffers
+    instead of pinning the experts (wanmoe.memory.stream, "Staging ring").
     distilled: the task's shipped few-step option (`Pipeline.use_distilled`)."""
     cfg, root = resolve(model, ckpt_dir, task)
     if task is not None and ckpt_dir is None and Path(str(model)).is_dir():
@@ -304,7 +307,7 @@ def load(
         plan_for = make_request(cfg, size=plan_size, seed=0)
     opts = make_options(cfg, ckpt_dir=root, device=device, offload_model=offload_model,
                         convert_model_dtype=convert_model_dtype, int8=int8, t5_cpu=t5_cpu, compile=compile,
-                        world=parallel.world, vram_gb=vram_gb, plan_for=plan_for,
+                        world=parallel.world, vram_gb=vram_gb, plan_for=plan_for, stream_staging=stream_staging,
                         **parallel_flags)  # type: ignore[arg-type]
     pipe = Pipeline(cfg, loading.load_components(cfg, opts, parallel), opts)
     if distilled:

@@ -110,6 +110,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                       help="run the conditional and unconditional passes on two rank groups (world = 2 x ulysses_size)")
     ours.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     ours.add_argument("--int8", action="store_true", help="weight-only int8 experts")
+    ours.add_argument("--stream_staging", type=int, default=0,
+                      help="with --vram_gb, when it picks a stream policy: copy blocks through N pinned staging "
+                           "buffers instead of pinning the experts (less host memory; 0: pin them)")
     ours.add_argument("--vram_gb", type=float, default=None,
                       help="GPU memory budget in GB (tensor bytes; on a 24 GB card about 22): run the fastest "
                            "residency policy the planner predicts to fit (resident > offload > stream > stream+int8) "
@@ -146,6 +149,7 @@ FLAGS = {
     "dit_fsdp": "--dit_fsdp", "t5_fsdp": "--t5_fsdp", "save_file": "--save_file", "model": "--task",
     "cache": "--cache", "cache_max_skips": "--cache_max_skips", "batch_cfg": "--batch_cfg", "compile": "--compile",
     "tts_text": "--tts_text", "tts_voice": "--tts_voice", "lora": "--lora", "vram_gb": "--vram_gb",
+    "stream_staging": "--stream_staging",
     "distilled": "--distilled",
 }
 TTS_CLOUD = ("needs the official CosyVoice voice-cloning model, which is fetched from the cloud; wanmoe downloads "
@@ -252,7 +256,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype, int8=args.int8,
                             compile=args.compile,
                             ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel, dit_fsdp=args.dit_fsdp,
-                            t5_fsdp=args.t5_fsdp, world=world, vram_gb=args.vram_gb, plan_for=req)
+                            t5_fsdp=args.t5_fsdp, world=world, vram_gb=args.vram_gb, plan_for=req,
+                            stream_staging=args.stream_staging)
         inputs = read_inputs(cfg, image=args.image, audio=args.audio, pose_video=args.pose_video,
                              tts_text=args.tts_text, tts_voice=args.tts_voice)
         for spec in args.lora or ():  # syntax, expert names, then the file's keys and shapes (header only)

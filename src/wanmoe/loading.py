@@ -284,7 +284,10 @@ def load_components(cfg: PipelineConfig, opts: LoadOptions, parallel: ParallelSt
             # Moving or dropping a sharded expert would break its FSDP state: FSDP experts stay resident.
             log.info("dit_fsdp: experts stay resident (offload_model ignored)")
             policy = "resident"
-    pool = ExpertPool(loaders, device, policy, stream_ahead=STREAM_AHEAD)
+    if opts.stream_staging and policy != "stream":
+        log.info("stream_staging %d not used: the %s policy keeps each expert whole", opts.stream_staging, policy)
+    pool = ExpertPool(loaders, device, policy, stream_ahead=STREAM_AHEAD,
+                      stream_staging=opts.stream_staging if policy == "stream" else 0)
     if parallel.dit_fsdp:
         # Shard every expert now, on the main thread and in the same order on every rank (a prefetch thread
         # would run the loaders at rank-dependent times).

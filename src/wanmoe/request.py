@@ -104,6 +104,7 @@ class LoadOptions:
     plan_size: str | None = None  # the size, frames and guidance passes the policy was planned at
     plan_frames: int | None = None
     plan_passes: int = 2
+    stream_staging: int = 0  # under a stream policy: pinned staging buffers instead of pinned experts (0: pin them)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -307,12 +308,15 @@ def make_options(
     world: int = 1,
     vram_gb: float | None = None,
     plan_for: Request | None = None,
+    stream_staging: int = 0,
 ) -> LoadOptions:
     """Load options, validated against the task and the number of processes (`world`, from torchrun).
 
     vram_gb: choose the fastest residency policy whose predicted peak fits this many GB (CUDA only, one process),
     planned for `plan_for` (a request: size, frames, guidance passes) or else the task's default size and frames;
     raises InputError('vram_gb', ...) before anything loads when nothing fits. docs/performance.md.
+    stream_staging: when vram_gb picks a stream policy, copy blocks through this many pinned buffers instead of
+    pinning the experts (less pinned host memory, no pinning time; the host copies cost time on short steps).
     """
     for name, v in (("offload_model", offload_model), ("t5_cpu", t5_cpu), ("int8", int8),
                     ("convert_model_dtype", convert_model_dtype), ("cfg_parallel", cfg_parallel),
@@ -320,6 +324,9 @@ def make_options(
         if v is not None and not isinstance(v, bool):
             raise InputError(name, f"must be true or false, got {v!r}")
     ulysses_size = check_int("ulysses_size", ulysses_size, 1, 1024)
+    stream_staging = check_int("stream_staging", stream_staging, 0, 64)
+    if stream_staging and vram_gb is None:
+        raise InputError("stream_staging", "applies to the stream policies, which vram_gb chooses: give vram_gb too")
     if world == 1:
         for name, v in (("dit_fsdp", dit_fsdp), ("t5_fsdp", t5_fsdp), ("cfg_parallel", cfg_parallel)):
             if v:
@@ -345,7 +352,7 @@ def make_options(
         # Official default: offload on one process only; FSDP experts must stay resident (loading.py enforces it).
         offload_model=world == 1 if offload_model is None else offload_model,
         t5_cpu=t5_cpu, convert_model_dtype=convert_model_dtype, int8=int8, compile=compile, ulysses_size=ulysses_size,
-        cfg_parallel=cfg_parallel, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
+        cfg_parallel=cfg_parallel, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, stream_staging=stream_staging,
     )
     if vram_gb is None:
         return opts

@@ -125,11 +125,13 @@ class ExpertPool:
 
     get(name) returns the expert on the compute device after applying the policy to the others;
     prefetch(name) starts loading it in the background; release() drops everything.
-    Under 'stream', `stream_ahead` is K (blocks on the device at once) and `stream_bytes` counts the block copies.
+    Under 'stream', `stream_ahead` is K (blocks on the device at once) and `stream_bytes` counts the block copies;
+    `stream_staging=N` copies blocks through N pinned staging buffers instead of pinning the experts (stream.py).
     """
 
     def __init__(self, loaders: Mapping[str, Loader], device: str | torch.device = "cpu",
-                 policy: str = "offload", *, pin_memory: bool | None = None, stream_ahead: int = 2) -> None:
+                 policy: str = "offload", *, pin_memory: bool | None = None, stream_ahead: int = 2,
+                 stream_staging: int = 0) -> None:
         if not loaders:
             raise ValueError("ExpertPool needs at least one loader")
         if policy not in POLICIES:
@@ -140,8 +142,13 @@ class ExpertPool:
         self.loaders = dict(loaders)
         self.device = torch.device(device)
         self.policy = policy
-        # Pinned host copies only pay off when there is an accelerator to copy to.
-        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        if not isinstance(stream_staging, int) or isinstance(stream_staging, bool) or stream_staging < 0:
+            raise ValueError(f"stream_staging must be an integer >= 0 (pinned staging buffers; 0: pin the experts), "
+                             f"got {stream_staging!r}")
+        # Pinned host copies only pay off when there is an accelerator to copy to; a staging ring replaces them.
+        staged = policy == "stream" and stream_staging > 0
+        self.pin_memory = (self.device.type == "cuda" and not staged) if pin_memory is None else pin_memory
+        self.stream_staging = stream_staging if policy == "stream" else 0
         self._modules: dict[str, nn.Module] = {}
         self._pending: dict[str, Future[nn.Module]] = {}
         self._events: dict[str, torch.cuda.Event] = {}
@@ -176,7 +183,7 @@ class ExpertPool:
         if self.policy == "stream":
             if name not in self._streams:
                 self._streams[name] = stream_(m, self.device, ahead=self.stream_ahead, tracker=self.stream_bytes,
-                                              pin=self.pin_memory)
+                                              pin=self.pin_memory, staging=self.stream_staging)
             self._modules[name] = m
             return m
         if name in self._events:
