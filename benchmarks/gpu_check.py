@@ -46,7 +46,7 @@ from wanmoe.loading import enable_frugal
 from wanmoe.memory.offload import ExpertPool
 from wanmoe.memory.plan import GB, LiveBytes, MemoryPlan, _dit_inputs, plan_memory
 from wanmoe.memory.plan_policy import DEFAULT_ROWS, STREAM_AHEAD, residency
-from wanmoe.memory.quantize import quantize_
+from wanmoe.memory.quantize import quantize_, set_int8_activations
 from wanmoe.models.attention import flash_available
 from wanmoe.models.dit import DiT
 
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", action="append", help="W*H sizes (default: the two of each task listed above)")
     p.add_argument("--budget_s", type=float, default=450.0, help="start no row after this many seconds")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--int8_activations", action="store_true",
+                   help="int8 rows also quantize activations and multiply int8 by int8 (torch._int_mm)")
     p.add_argument("--staging", type=int, default=0,
                    help="stream rows copy blocks through this many pinned staging buffers instead of pinning the "
                         "experts (wanmoe.memory.stream, 'Staging ring'; 0: pin them)")
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         for policy in policies:
             if policy.endswith("+int8") and not quantized:
                 for m in experts.values():  # on the device: quantizing 14B weights on the host takes minutes
-                    quantize_(m.to(device), "int8").to("cpu")
+                    set_int8_activations(quantize_(m.to(device), "int8").to("cpu"), a.int8_activations)
                 _free(device)
                 quantized = True
             for k, size in enumerate(sizes):

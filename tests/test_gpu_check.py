@@ -43,7 +43,8 @@ def test_reduced_mode_streams_through_a_staging_ring(tmp_path):
     gpu_check = _load()
     out_json = tmp_path / "rows.json"
     rc = gpu_check.main(["--reduced", "--task", "t2v-tiny", "--size", "64*64", "--policy", "stream", "--policy",
-                         "offload", "--staging", "2", "--json", str(out_json)])
+                         "offload", "--policy", "stream+int8", "--int8_activations", "--staging", "2", "--json",
+                         str(out_json)])
     rows = json.loads(out_json.read_text())["rows"]
     assert rc == 0 and all(r["status"] == "ok" for r in rows)
-    assert {r["policy"]: r["staging"] for r in rows} == {"offload": 0, "stream": 2}
+    assert {r["policy"]: r["staging"] for r in rows} == {"offload": 0, "stream": 2, "stream+int8": 2}

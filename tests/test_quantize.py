@@ -181,3 +181,50 @@ def test_int8_dit_forward_never_dequantizes(monkeypatch, preset):
         out16 = cast_(model, torch.bfloat16)(x, t, ctx, **kw)  # the --convert_model_dtype path too
     assert len(quantized_names(model)) > 10
     assert calls == [] and out.isfinite().all() and out16.isfinite().all()
+
+
+def test_int8_activations_multiply_in_int8_exactly_and_stay_close():
+    """int8 activations: the integer product is exact (against float64 on the same int8 values), the result is
+    close to the float layer, no float weight is formed, and layers narrower than the measured threshold keep the
+    weight-only path (bit for bit)."""
+    from wanmoe.memory.quantize import INT8_ACT_MIN_FEATURES, set_int8_activations
+
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 768)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(2, 33, 512)
+    with torch.no_grad():
+        ref = lin(x)
+        q.int8_activations = True
+        calls = []
+        real_mm = torch._int_mm
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "_int_mm", lambda a, b: calls.append(a.dtype) or real_mm(a, b))
+            mp.setattr(Int8Linear, "dequantize", lambda *a, **k: pytest.fail("forward dequantized"))
+            got = q(x)
+        x2 = x.reshape(-1, 512).double()
+        xs = x2.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+        xq = torch.round(x2 / xs).clamp(-127, 127)
+        want = (xq @ q.qweight.double().t()) * xs * q.weight_scale.double() + q.bias.double()
+    assert calls == [torch.int8] and got.shape == ref.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got.reshape(-1, 768).double(), want, rtol=1e-5, atol=1e-5)
+    assert psnr(got, ref) > 38  # per-token activation rounding on top of the weights'
+    narrow = Int8Linear.from_linear(nn.Linear(INT8_ACT_MIN_FEATURES // 2, 512))
+    xn = torch.randn(5, INT8_ACT_MIN_FEATURES // 2)
+    with torch.no_grad():
+        plain = narrow(xn)
+        assert set_int8_activations(nn.Sequential(narrow, nn.ReLU())) == 1 and narrow.int8_activations
+        assert torch.equal(narrow(xn), plain)
+
+
+def test_int8_activations_load_option():
+    import wanmoe
+    from wanmoe.cli import main
+    from wanmoe.request import InputError
+
+    with pytest.raises(InputError, match="int8_activations.*int8"):
+        wanmoe.load("s2v-mini", int8_activations=True)
+    assert main(["generate", "--int8_activations"]) == 2
+    pipe = wanmoe.load("s2v-mini", int8=True, int8_activations=True)
+    layers = [m for m in pipe.components.experts.get("high").modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.int8_activations for m in layers) and pipe.options.int8_activations

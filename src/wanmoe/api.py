@@ -283,6 +283,7 @@ def load(
     vram_gb: float | None = None,
     plan_size: str | tuple[int, int] | None = None,
     stream_staging: int = 0,
+    int8_activations: bool = False,
     distilled: bool = False,
     parallel: ParallelState | None = None,
     **parallel_flags: object,
@@ -308,6 +309,7 @@ def load(
     opts = make_options(cfg, ckpt_dir=root, device=device, offload_model=offload_model,
                         convert_model_dtype=convert_model_dtype, int8=int8, t5_cpu=t5_cpu, compile=compile,
                         world=parallel.world, vram_gb=vram_gb, plan_for=plan_for, stream_staging=stream_staging,
+                        int8_activations=int8_activations,
                         **parallel_flags)  # type: ignore[arg-type]
     pipe = Pipeline(cfg, loading.load_components(cfg, opts, parallel), opts)
     if distilled:

@@ -110,6 +110,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                       help="run the conditional and unconditional passes on two rank groups (world = 2 x ulysses_size)")
     ours.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     ours.add_argument("--int8", action="store_true", help="weight-only int8 experts")
+    ours.add_argument("--int8_activations", action="store_true",
+                      help="with --int8: quantize activations per token too and multiply int8 by int8 (faster on "
+                           "CPU, a little less exact; docs/performance.md)")
     ours.add_argument("--stream_staging", type=int, default=0,
                       help="with --vram_gb, when it picks a stream policy: copy blocks through N pinned staging "
                            "buffers instead of pinning the experts (less host memory; 0: pin them)")
@@ -149,7 +152,7 @@ FLAGS = {
     "dit_fsdp": "--dit_fsdp", "t5_fsdp": "--t5_fsdp", "save_file": "--save_file", "model": "--task",
     "cache": "--cache", "cache_max_skips": "--cache_max_skips", "batch_cfg": "--batch_cfg", "compile": "--compile",
     "tts_text": "--tts_text", "tts_voice": "--tts_voice", "lora": "--lora", "vram_gb": "--vram_gb",
-    "stream_staging": "--stream_staging",
+    "stream_staging": "--stream_staging", "int8_activations": "--int8_activations",
     "distilled": "--distilled",
 }
 TTS_CLOUD = ("needs the official CosyVoice voice-cloning model, which is fetched from the cloud; wanmoe downloads "
@@ -257,7 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             compile=args.compile,
                             ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel, dit_fsdp=args.dit_fsdp,
                             t5_fsdp=args.t5_fsdp, world=world, vram_gb=args.vram_gb, plan_for=req,
-                            stream_staging=args.stream_staging)
+                            stream_staging=args.stream_staging, int8_activations=args.int8_activations)
         inputs = read_inputs(cfg, image=args.image, audio=args.audio, pose_video=args.pose_video,
                              tts_text=args.tts_text, tts_voice=args.tts_voice)
         for spec in args.lora or ():  # syntax, expert names, then the file's keys and shapes (header only)

@@ -142,7 +142,7 @@ def load_audio_encoder(cfg: PipelineConfig, root: Path):
 
 
 def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None, int8: bool, cfg=None,  # noqa: ANN001
-                  compile: bool = False, frugal: bool = False):
+                  compile: bool = False, frugal: bool = False, int8_activations: bool = False):
     """Zero-argument loader for the residency manager: meta build + memory-mapped safetensors, optional int8, optional
     token chunks (`frugal`), optional torch.compile (the module compiles on its first forward; a reloaded expert
     compiles again)."""
@@ -150,9 +150,10 @@ def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None,
     def load() -> torch.nn.Module:
         model = ck.load_dit(folder, dtype=dtype, device="cpu", cfg=cfg).eval()
         if int8:
-            from wanmoe.memory.quantize import quantize_
+            from wanmoe.memory.quantize import quantize_, set_int8_activations
 
             quantize_(model, "int8")
+            set_int8_activations(model, int8_activations)
         if frugal:
             enable_frugal(dit=model)
         model = model.to(device)
@@ -276,7 +277,8 @@ def load_components(cfg: PipelineConfig, opts: LoadOptions, parallel: ParallelSt
     # The memory knobs (DiT token chunks, VAE tiles) the planner assumes for every policy on CUDA.
     frugal = device.type == "cuda" or policy == "stream"
     home = torch.device("cpu") if policy == "stream" else device
-    loaders = {n: expert_loader(f, home, weights, opts.int8, cfg.dit if small else None, opts.compile, frugal)
+    loaders = {n: expert_loader(f, home, weights, opts.int8, cfg.dit if small else None, opts.compile, frugal,
+                                opts.int8_activations)
                for n, f in folders.items()}
     if parallel.world > 1:
         loaders = {n: parallel_loader(f, parallel) for n, f in loaders.items()}

@@ -105,6 +105,7 @@ class LoadOptions:
     plan_frames: int | None = None
     plan_passes: int = 2
     stream_staging: int = 0  # under a stream policy: pinned staging buffers instead of pinned experts (0: pin them)
+    int8_activations: bool = False  # with int8: quantize activations per token too, int8 x int8 matmuls
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -309,6 +310,7 @@ def make_options(
     vram_gb: float | None = None,
     plan_for: Request | None = None,
     stream_staging: int = 0,
+    int8_activations: bool = False,
 ) -> LoadOptions:
     """Load options, validated against the task and the number of processes (`world`, from torchrun).
 
@@ -320,11 +322,14 @@ def make_options(
     """
     for name, v in (("offload_model", offload_model), ("t5_cpu", t5_cpu), ("int8", int8),
                     ("convert_model_dtype", convert_model_dtype), ("cfg_parallel", cfg_parallel),
-                    ("dit_fsdp", dit_fsdp), ("t5_fsdp", t5_fsdp), ("compile", compile)):
+                    ("dit_fsdp", dit_fsdp), ("t5_fsdp", t5_fsdp), ("compile", compile),
+                    ("int8_activations", int8_activations)):
         if v is not None and not isinstance(v, bool):
             raise InputError(name, f"must be true or false, got {v!r}")
     ulysses_size = check_int("ulysses_size", ulysses_size, 1, 1024)
     stream_staging = check_int("stream_staging", stream_staging, 0, 64)
+    if int8_activations and not int8:
+        raise InputError("int8_activations", "needs int8 (the weights int8 too): give both")
     if stream_staging and vram_gb is None:
         raise InputError("stream_staging", "applies to the stream policies, which vram_gb chooses: give vram_gb too")
     if world == 1:
@@ -353,6 +358,7 @@ def make_options(
         offload_model=world == 1 if offload_model is None else offload_model,
         t5_cpu=t5_cpu, convert_model_dtype=convert_model_dtype, int8=int8, compile=compile, ulysses_size=ulysses_size,
         cfg_parallel=cfg_parallel, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, stream_staging=stream_staging,
+        int8_activations=int8_activations,
     )
     if vram_gb is None:
         return opts

@@ -13,6 +13,12 @@ keys `<name>.qweight` (int8) and `<name>.weight_scale` (float32) next to the unc
 quantized module names in the file metadata so a meta-built model can be re-quantized structurally and
 loaded strictly with `assign=True`.
 
+**int8 activations** (`set_int8_activations(model, True)`; off by default): the layer also quantizes its input,
+per token (symmetric absmax over I, fp32 scales), and multiplies int8 by int8 with int32 accumulation
+(`torch._int_mm`): y = (xq qweight^T) * x_scale[:, None] * weight_scale + b. No float copy of the weight is made,
+and the integer product is exact; the only new error is the activations' rounding. The dynamic W8A8 scheme of
+torchao's `int8_dynamic_activation_int8_weight`, without its smoothing. Measured in docs/performance.md.
+
 Axis legend: O output features, I input features, L tokens (any leading axes of x).
 """
 
@@ -33,10 +39,13 @@ from torch import Tensor, nn
 from wanmoe.numerics import fp32_predicate
 
 __all__ = ["Int8Linear", "quantize_", "quantized_state_dict", "save_quantized", "load_quantized",
-           "quantized_names", "weight_bytes", "QUANT_KEY"]
+           "quantized_names", "weight_bytes", "set_int8_activations", "QUANT_KEY"]
 
 QUANT_KEY = "wanmoe_quant"  # safetensors metadata: {"mode": "int8", "modules": [...]}
 MODES = ("int8",)
+# Narrowest layer whose int8 activations pay on this project's CPU: DiT forward 0.82x float32 at width 96, 1.42x at
+# width 512 (benchmarks/int8_speed.py, one thread); narrower layers keep the weight-only path.
+INT8_ACT_MIN_FEATURES = 256
 
 
 class Int8Linear(nn.Module):
@@ -55,6 +64,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
+        self.int8_activations = False  # True: quantize x per token and multiply in int8 (module docstring)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
@@ -74,11 +84,34 @@ class Int8Linear(nn.Module):
         return self.qweight.to(dtype) * self.weight_scale.to(dtype)[:, None]  # (O, I)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.int8_activations and self._int8_pays(x):
+            return self._forward_int8(x)
         # int8 -> x.dtype is exact (|q| <= 127 fits bf16's 8-bit significand); the matmul runs in x.dtype.
         y = F.linear(x, self.qweight.to(x.dtype))  # (..., L, O)
         # Scale the output in place: the product is formed in fp32 (scales stay fp32) and rounded once into y.
         y.mul_(self.weight_scale)
         return y if self.bias is None else y.add_(self.bias)
+
+    def _int8_pays(self, x: Tensor) -> bool:
+        """Whether the int8 product runs: layers at least INT8_ACT_MIN_FEATURES wide (measured on CPU: the
+        activation quantization costs more than it saves on narrower ones, benchmarks/int8_speed.py), and on CUDA
+        the shapes `torch._int_mm` takes (more than 16 rows, both widths multiples of 8)."""
+        if min(self.in_features, self.out_features) < INT8_ACT_MIN_FEATURES:
+            return False
+        if x.device.type == "cuda":
+            return x.numel() // self.in_features > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0
+        return True
+
+    def _forward_int8(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()  # (L, I)
+        x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0  # (L, 1)
+        xq = torch.round(x2 / x_scale).clamp_(-127, 127).to(torch.int8)  # (L, I)
+        acc = torch._int_mm(xq, self.qweight.t())  # (L, O) int32, exact; qweight.t() is the column-major operand
+        y = acc.float().mul_(x_scale).mul_(self.weight_scale)  # (L, O) fp32
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int8Linear:
         scale = self.weight_scale
@@ -143,6 +176,16 @@ def quantize_(model: nn.Module, mode: str = "int8", *,
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8Linear.from_linear(getattr(parent, child)))
     return model
+
+
+def set_int8_activations(model: nn.Module, on: bool = True) -> int:
+    """Switch every Int8Linear of `model` to int8 activations (or back); returns how many layers were set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.int8_activations = bool(on)
+            n += 1
+    return n
 
 
 def quantized_names(model: nn.Module) -> list[str]:
