@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export OMP_NUM_THREADS=1
 OUT=${OUT:-runs/cont}
+# The round-5 weights to start from: what scripts/train_embedded.sh exports into the package folder. The package now
+# holds round 6, so to redo round 6 alone point INIT at a round-5 copy, e.g. from git:
+#   mkdir -p r5 && git archive 6b7847d src/wanmoe/assets/s2v-mini | tar -x -C r5 && INIT=r5/src/wanmoe/assets/s2v-mini
+INIT=${INIT:-src/wanmoe/assets/s2v-mini}
 OUT2=${OUT2:-runs/cont2}
 train() { nice -n 10 python -m wanmoe.train.cli "$@"; }
 mkdir -p "$OUT/proc/vae" "$OUT/speech/vae" "$OUT/vae"
@@ -31,11 +35,22 @@ LAT="$OUT/proc/latents.pt,$OUT/proc/latents_cont.pt,$OUT/speech/latents.pt,$OUT/
 for e in high low dense; do
   f=$(case $e in high) echo high_noise_model;; low) echo low_noise_model;; dense) echo single_expert;; esac)
   train expert --out "$OUT" --expert $e --steps 2500 --threads 1 --quiet --lr 1.5e-4 \
-    --init "src/wanmoe/assets/s2v-mini/$f" --mouth_weight 1 --latents "$LAT" --cont_frac 0.5 &
+    --init "$INIT/$f" --mouth_weight 1 --latents "$LAT" --cont_frac 0.5 &
   if [ $e = low ]; then wait; fi
 done
 wait
 train export --out "$OUT" --dest "$OUT/export"
+# Ship: the three DiTs into the package (VAE and text encoder are unchanged), and step-cache calibrations made
+# again for them (Pipeline.calibrate_cache: three uncached runs of the example each).
+for d in high_noise_model low_noise_model single_expert; do
+  cp "$OUT/export/$d/diffusion_pytorch_model.safetensors" "src/wanmoe/assets/s2v-mini/$d/"
+done
+python - <<'PY'
+import wanmoe
+root = "src/wanmoe/assets/s2v-mini"
+wanmoe.load("s2v-mini").calibrate_cache(path=f"{root}/step_cache.json")
+wanmoe.load(f"{root}/single_expert").calibrate_cache(path=f"{root}/single_expert/step_cache.json")
+PY
 # Long audio (official chaining, and every clip from the reference) and the two-vs-one table (docs/results.md):
 python -m wanmoe eval --model "$OUT/export" --long 30 --setups two-frames,two --threads 1 --out "$OUT/long"
 python -m wanmoe eval --model "$OUT/export" --setups two,one --n 3 --speech 6 --jobs 2 --threads 1 --out "$OUT/eval"

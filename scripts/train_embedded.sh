@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces the embedded s2v-mini model (the one in src/wanmoe/assets/s2v-mini) on a 2-core CPU, in five rounds
-# (the shipped model went through all five; see docs/results.md). Each stage is resumable.
+# Reproduces the embedded s2v-mini model (the one in src/wanmoe/assets/s2v-mini) on a 2-core CPU: rounds 1 to 5
+# here, round 6 (fresh clips and continuation clips) in scripts/train_continuation.sh, which starts from the weights
+# this script exports; see docs/results.md. Each stage is resumable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
