@@ -51,6 +51,14 @@ def test_reference_context_starts_every_clip_from_the_reference(tiny_ckpt, media
     assert not torch.equal(quiet_fresh[:, :first], fresh[:, :first])
     assert torch.equal(quiet_fresh[:, first:], fresh[:, first:])
     assert not torch.equal(quiet_official[:, first:], official[:, first:])
+    # Every clip from the first clip's noise (seed), where the official chaining draws seed + clip.
+    from wanmoe import pipeline
+
+    seeds, draw = [], pipeline.draw_noise
+    monkeypatch.setattr(pipeline, "draw_noise", lambda shape, seed, dev: seeds.append(seed) or draw(shape, seed, dev))
+    pipe(clip_context="reference", **kw)
+    pipe(**kw)  # s2v-tiny's default: the official chaining
+    assert seeds == [5, 5, 5, 6]
     assert pipe.request(clip_context="reference").clip_context == "reference"
     assert pipe.request().clip_context == "frames"  # the official default
     assert wanmoe.load("s2v-mini").request().clip_context == "reference"  # the embedded model's (measured) default

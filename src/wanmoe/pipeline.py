@@ -289,8 +289,9 @@ class I2VClips(T2VClips):
 class S2VClips:
     """Speech-to-video: clips of `infer_frames`, each conditioned on its audio, the reference image and the
     newest decoded frames of the clip before (motion frames), as the official S2V pipeline does. With
-    `req.clip_context == "reference"` every clip is made as the first one is: no motion frames, decoded after the
-    reference latent (nothing of the clip before is read, so the motion frames are never encoded)."""
+    `req.clip_context == "reference"` every clip is made as the first one is: no motion frames, the same noise
+    (`generate`), decoded after the reference latent (nothing of the clip before is read, so the motion frames are
+    never encoded)."""
 
     def __init__(self, c: Components, req: Request, inputs: Inputs, ctx: Tensor, ctx_null: Tensor) -> None:
         self.c, self.req, self.ctx, self.ctx_null = c, req, ctx, ctx_null
@@ -446,8 +447,10 @@ def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressF
                     preview(Preview(_r, n, latent=info.denoised, step=info.i + 1))
 
             t1 = time.perf_counter()
-            lat, cnt = sample_clip(c, req, clips.conditioning(r), req.seed + r, on_step, stats=stats,
-                                   recorder=recorder)
+            # Noise seed + r per clip; under clip_context "reference" every clip is made as the first one is, from
+            # the same noise too, so the clips differ only by their audio.
+            seed = req.seed if req.clip_context == "reference" else req.seed + r
+            lat, cnt = sample_clip(c, req, clips.conditioning(r), seed, on_step, stats=stats, recorder=recorder)
             t_s += time.perf_counter() - t1
             counts = {k: counts.get(k, 0) + v for k, v in cnt.items()}
             if r == n - 1:

@@ -42,8 +42,9 @@ class InputError(ValueError):
 
 # S2V: what each clip after the first starts from. "frames": the newest decoded frames of the clip before, as
 # motion frames (official: the clips join up, but errors and colour casts carry over from clip to clip);
-# "reference": the reference image, as the first clip does (no motion frames: each clip is drawn afresh from the
-# reference and its own audio, so nothing accumulates, and the clips need not join up smoothly).
+# "reference": the reference image, as the first clip does (no motion frames, and the first clip's noise: each clip
+# is drawn afresh from the reference, that noise and its own audio, so nothing accumulates, and the clips need not
+# join up smoothly).
 CLIP_CONTEXTS = ("frames", "reference")
 
 
