@@ -212,3 +212,17 @@ def test_continuation_clips_train_the_motion_tokens(tmp_path):
                            files, "--cont_frac", "1", "--motion_lr_mult", "10"]) == 0
     groups = torch.load(run / "experts" / "high.pt", weights_only=True)["opt"]["param_groups"]
     assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+
+
+def test_expert_checkpoint_from_before_the_motion_rate_resumes(tmp_path):
+    """A checkpoint whose optimizer groups carry no "lr_mult" (written before --motion_lr_mult) resumes."""
+    out = tmp_path / "run"
+    for argv in (["clips", "--n", "2"], ["vae"], ["latents", "--n", "2"], ["expert", "--expert", "low"]):
+        assert train_cli.main([*argv, "--out", str(out), "--smoke", "--quiet"]) == 0
+    path = out / "experts" / "low.pt"
+    ck = torch.load(path, weights_only=True)
+    for group in ck["opt"]["param_groups"]:
+        group.pop("lr_mult", None)
+    torch.save(ck, path)
+    assert train_cli.main(["expert", "--expert", "low", "--out", str(out), "--smoke", "--quiet", "--steps", "5"]) == 0
+    assert torch.load(path, weights_only=True)["step"] == 5

@@ -176,10 +176,12 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
     model.init_weights()
     ema = copy.deepcopy(model).requires_grad_(False)
     # One parameter group unless the motion modules get their own rate (so earlier checkpoints still resume).
-    split = motion_lr_mult != 1.0
-    motion = [p for n, p in model.named_parameters() if split and n.startswith(MOTION_MODULES)]
-    rest = [p for n, p in model.named_parameters() if not (split and n.startswith(MOTION_MODULES))]
-    groups = [{"params": rest, "lr_mult": 1.0}] + ([{"params": motion, "lr_mult": motion_lr_mult}] if motion else [])
+    groups = [{"params": list(model.parameters())}]
+    named = list(model.named_parameters())
+    motion = [p for n, p in named if n.startswith(MOTION_MODULES)]
+    if motion_lr_mult != 1.0 and motion:
+        groups = [{"params": [p for n, p in named if not n.startswith(MOTION_MODULES)]},
+                  {"params": motion, "lr_mult": motion_lr_mult}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     step = 0
     if init is not None and not ckpt_path.exists():
@@ -237,7 +239,9 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         warm = min(1.0, (step + 1) / 100)  # linear warm-up, then cosine to 10%
         for group in opt.param_groups:
-            group["lr"] = group["lr_mult"] * lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            # A group without "lr_mult" (every group of a checkpoint from before the option) runs at the base rate.
+            mult = group.get("lr_mult", 1.0)
+            group["lr"] = mult * lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         opt.step()
         update_ema(ema, model, ema_decay if step > 200 else 0.0)
         step += 1
