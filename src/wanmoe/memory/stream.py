@@ -165,7 +165,7 @@ class BlockStream:
         # The staging ring: byte offsets of each block's host tensors inside a buffer, and the buffers.
         self._offsets: list[list[int]] = []
         size = 0
-        for hosts in self._hosts:
+        for hosts in self._hosts if staging else ():
             offs, end = [], 0
             for t in hosts:
                 offs.append(end)
