@@ -92,7 +92,7 @@ def host_pinned_gb() -> float:
         stats = torch.cuda.host_memory_stats()
     except (AttributeError, RuntimeError):
         return float("nan")
-    return stats.get("reserved_bytes.current", float("nan")) / GB
+    return stats.get("allocated_bytes.current", float("nan")) / GB  # active + cached pinned blocks, rounded up
 
 
 def predicted(plan: MemoryPlan, reduced: bool) -> float:
