@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--int8_activations", action="store_true",
                    help="int8 rows also quantize activations and multiply int8 by int8 (torch._int_mm)")
+    p.add_argument("--fp8", action="store_true",
+                   help="the +int8 rows hold fp8 (e4m3) weights instead (the same bytes; on GPUs with fp8 tensor "
+                        "cores the product runs in fp8)")
     p.add_argument("--staging", type=int, default=0,
                    help="stream rows copy blocks through this many pinned staging buffers instead of pinning the "
                         "experts (wanmoe.memory.stream, 'Staging ring'; 0: pin them)")
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = "cpu" if a.reduced else torch.cuda.get_device_name(device)
     print(f"gpu_check: device {gpu}, torch {torch.__version__}, flash-attn "
           f"{'available' if flash_available() else 'not installed (SDPA)'}, K = {STREAM_AHEAD}, bf16"
-          + (f", stream rows through a staging ring of {a.staging} pinned buffers" if a.staging else ""))
+          + (f", stream rows through a staging ring of {a.staging} pinned buffers" if a.staging else "")
+          + (", +int8 rows in fp8 (e4m3)" if a.fp8 else ""))
     unit = "MB" if a.reduced else "GB"  # the tiny models' numbers are a few MB
     head = (f"{'task':9s} {'size':9s} {'frames':>6s} {'policy':12s} {'s/step':>8s} {'switch s':>8s} "
             f"{'peak ' + unit:>8s} {'plan ' + unit:>8s} {'peak/plan':>9s} {'TFLOP/s':>8s} status")
@@ -195,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         for policy in policies:
             if policy.endswith("+int8") and not quantized:
                 for m in experts.values():  # on the device: quantizing 14B weights on the host takes minutes
-                    set_int8_activations(quantize_(m.to(device), "int8").to("cpu"), a.int8_activations)
+                    q = quantize_(m.to(device), "fp8" if a.fp8 else "int8")
+                    set_int8_activations(q, a.int8_activations)
+                    q.to("cpu")
                 _free(device)
                 quantized = True
             for k, size in enumerate(sizes):

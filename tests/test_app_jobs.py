@@ -32,7 +32,7 @@ def app(tiny_ckpt, media_dir, tmp_path):
     for name in ("ref.png", "short.wav", "speech.wav", "corrupt.png", "silent.wav"):
         shutil.copy(media_dir / name, uploads / name)
     ckpt = tiny_ckpt("s2v-tiny")
-    q = JobQueue(lambda int8: wanmoe.load(ckpt, int8=int8), tmp_path / "app", upload_dir=uploads, warmup=False)
+    q = JobQueue(lambda quant: wanmoe.load(ckpt, quant=quant), tmp_path / "app", upload_dir=uploads, warmup=False)
     yield q, uploads
     q.close()
 
@@ -79,7 +79,7 @@ def test_history_survives_a_restart(app, tiny_ckpt, tmp_path):
     q, up = app
     a = q.submit(FORM, image=up / "ref.png", audio=up / "short.wav")
     _wait(lambda: a.state == "done")
-    q2 = JobQueue(lambda int8: q.pipe, tmp_path / "app", upload_dir=up, warmup=False)
+    q2 = JobQueue(lambda quant: q.pipe, tmp_path / "app", upload_dir=up, warmup=False)
     try:
         old = q2.history()
         assert [j.id for j in old] == [a.id] and old[0].video == a.video and old[0].form["seed"] == 3
@@ -145,8 +145,10 @@ def test_upload_outside_folder_is_never_opened(app, monkeypatch):
 
 
 def test_tts_job_with_int8_experts(app):
-    """Typed words (espeak-ng) drive the face; int8 experts load on first use beside the float ones."""
+    """Typed words (espeak-ng) drive the face; int8 experts load on first use beside the float ones (the older
+    `int8` field and `quant` name the same pipeline); a bad `quant` is refused before queueing."""
     from wanmoe import tts
+    from wanmoe.app.jobs import quant_of
 
     if not tts.espeak_available():
         pytest.skip("espeak-ng is not installed (scripts/setup.sh dev installs it)")
@@ -154,7 +156,11 @@ def test_tts_job_with_int8_experts(app):
     job = q.submit(dict(FORM, tts_text="hello there", tts_voice="en+f3", int8=True), image=up / "ref.png")
     _wait(lambda: job.state in ("done", "failed"))
     assert job.state == "done", job.message
-    assert set(q._pipes) == {False, True} and q._pipes[True].options.int8
+    assert set(q._pipes) == {None, "int8"} and q._pipes["int8"].options.int8
+    assert quant_of({"int8": True}) == quant_of({"quant": "int8"}) == "int8" and quant_of({"quant": "float"}) is None
+    for bad in ({"quant": "int4"}, {"quant": "fp8", "int8": True}):
+        with pytest.raises(InputError, match="quant"):
+            q.submit(dict(FORM, **bad), image=up / "ref.png")
     side = json.loads(job.sidecar.read_text())
     assert "hello there" in side["inputs"]["audio"] and media.probe_video(job.video)["audio_duration"] > 0
     with pytest.raises(InputError, match="cannot be combined with audio"):
@@ -162,7 +168,7 @@ def test_tts_job_with_int8_experts(app):
 
 
 def test_text_to_video_job(tiny_ckpt, tmp_path):
-    q = JobQueue(lambda int8: wanmoe.load(tiny_ckpt("t2v-tiny")), tmp_path / "app", upload_dir=tmp_path / "up",
+    q = JobQueue(lambda quant: wanmoe.load(tiny_ckpt("t2v-tiny")), tmp_path / "app", upload_dir=tmp_path / "up",
                  warmup=False)
     try:
         (tmp_path / "up").mkdir()

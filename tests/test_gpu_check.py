@@ -48,3 +48,13 @@ def test_reduced_mode_streams_through_a_staging_ring(tmp_path):
     rows = json.loads(out_json.read_text())["rows"]
     assert rc == 0 and all(r["status"] == "ok" for r in rows)
     assert {r["policy"]: r["staging"] for r in rows} == {"offload": 0, "stream": 2, "stream+int8": 2}
+
+
+def test_reduced_mode_fp8_rows(tmp_path, capsys):
+    gpu_check = _load()
+    out_json = tmp_path / "rows.json"
+    rc = gpu_check.main(["--reduced", "--task", "t2v-tiny", "--size", "64*64", "--policy", "stream+int8", "--fp8",
+                         "--json", str(out_json)])
+    rows = json.loads(out_json.read_text())["rows"]
+    assert rc == 0 and [r["status"] for r in rows] == ["ok"]
+    assert "+int8 rows in fp8 (e4m3)" in capsys.readouterr().out

@@ -228,3 +228,114 @@ def test_int8_activations_load_option():
     pipe = wanmoe.load("s2v-mini", int8=True, int8_activations=True)
     layers = [m for m in pipe.components.experts.get("high").modules() if isinstance(m, Int8Linear)]
     assert layers and all(m.int8_activations for m in layers) and pipe.options.int8_activations
+
+
+def test_fp8_weights_per_channel_close_and_exact_on_grid():
+    """fp8 (e4m3) weights: values on the e4m3 grid round-trip exactly, a float layer is matched at the precision of a
+    3-bit mantissa, and the layer never forms the scaled float weight."""
+    from wanmoe.memory.quantize import FP8_MAX, Fp8Linear
+
+    torch.manual_seed(0)
+    scale = torch.tensor([0.5, 2.0, 1e-3])
+    grid = torch.randn(3, 16).clamp(-3, 3).mul(100).to(torch.float8_e4m3fn).float()  # exact e4m3 values
+    grid[:, 0] = FP8_MAX
+    qw, s = quantize_weight(grid * scale[:, None], "fp8")
+    assert qw.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    torch.testing.assert_close(qw.float() * s[:, None], grid * scale[:, None])
+    assert quantize_weight(torch.zeros(2, 4), "fp8")[0].float().abs().sum() == 0
+
+    lin = nn.Linear(128, 96)
+    q = Fp8Linear.from_linear(lin)
+    x = torch.randn(4, 10, 128)
+    with torch.no_grad():
+        ref = lin(x)
+        want = torch.nn.functional.linear(x, q.dequantize(torch.float32), q.bias)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Fp8Linear, "dequantize", lambda *a, **k: pytest.fail("forward dequantized"))
+            got = q(x)  # on the CPU: weight-only
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert 28 < psnr(got, ref) < 45  # e4m3: ~2^-4 relative per weight; int8 absmax is finer at this size
+    q.weight_scale.mul_(1.05)  # the same check catches a wrong scale
+    with torch.no_grad():
+        assert (q(x) - ref).norm() / ref.norm() > 2e-2
+
+
+def test_fp8_matmul_path_matches_its_emulation():
+    """The fp8 x fp8 product (what runs on fp8 tensor cores; forced here through PyTorch's CPU kernel): the same
+    numbers as rounding x per token to e4m3 and multiplying in float64, and still close to the float layer."""
+    from wanmoe.memory.quantize import FP8_MAX, Fp8Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 192)
+    q = Fp8Linear.from_linear(lin)
+    x = torch.randn(2, 40, 256)
+    assert not q._fp8_pays(x) and not q._fp8_pays(x.bfloat16())  # auto: no fp8 tensor cores on the CPU
+    q.fp8_matmul = True
+    with torch.no_grad():
+        ref = lin(x)
+        got = q(x)
+    x2 = x.reshape(-1, 256).double()
+    xs = x2.abs().amax(1, keepdim=True) / FP8_MAX
+    xq = (x2 / xs).float().to(torch.float8_e4m3fn).double()
+    want = (xq @ q.qweight.double().t()) * xs * q.weight_scale.double() + q.bias.double()
+    assert got.shape == ref.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got.reshape(-1, 192).double(), want, rtol=1e-4, atol=1e-4)
+    assert psnr(got, ref) > 25
+
+
+def test_fp8_storage_survives_casts_and_saves(tmp_path):
+    from wanmoe.memory.quantize import Fp8Linear
+
+    torch.manual_seed(0)
+    model = quantize_(Block().eval(), "fp8")
+    assert quantized_names(model) == ["inp", "out", "head"] and isinstance(model.inp, Fp8Linear)
+    qw = model.inp.qweight.clone()
+    model.to(torch.bfloat16)
+    assert model.inp.qweight.dtype == torch.float8_e4m3fn and torch.equal(model.inp.qweight.float(), qw.float())
+    assert model.inp.weight_scale.dtype == torch.float32 and model.inp.bias.dtype == torch.bfloat16
+    m2 = cast_(quantize_(Block(), "fp8"), torch.bfloat16)
+    assert m2.inp.qweight.dtype == torch.float8_e4m3fn and m2.scale.dtype == torch.bfloat16
+    model.float()
+    x = torch.randn(2, 5, 64)
+    path = save_quantized(model, tmp_path / "q8.safetensors")
+    loaded = load_quantized(Block, path)
+    assert isinstance(loaded.inp, Fp8Linear)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert weight_bytes(loaded) == weight_bytes(load_quantized(Block, save_quantized(
+        quantize_(Block(), "int8"), tmp_path / "q.safetensors")))  # fp8 and int8 cost the same bytes
+
+
+def test_quant_option_per_expert():
+    """quant: one mode for every expert or one per expert, normalized once, checked before loading, and each expert
+    loaded with its own layers."""
+    import wanmoe
+    from wanmoe.cli import main
+    from wanmoe.memory.quantize import Fp8Linear
+    from wanmoe.request import InputError, check_quant
+
+    names = ("high", "low")
+    assert check_quant(None, names) is None and check_quant(None, names, int8=True) == "int8"
+    assert check_quant("fp8", names) == "fp8" and check_quant({"high": "int8", "low": "int8"}, names) == "int8"
+    assert check_quant("high=fp8", names) == "high=fp8,low=none"
+    assert check_quant({"low": "fp8", "high": None}, names) == "high=none,low=fp8"
+    assert check_quant("high=none,low=none", names) is None
+    for bad, match in (("int4", "one of int8, fp8"), ("mid=fp8", "unknown experts"), ("high", "one of"),
+                       ("=fp8", "looks like")):
+        with pytest.raises(InputError, match=f"quant.*{match}"):
+            check_quant(bad, names)
+    with pytest.raises(InputError, match="quant.*int8 asks"):
+        wanmoe.load("s2v-mini", int8=True, quant="fp8")
+    with pytest.raises(InputError, match="int8_activations"):
+        wanmoe.load("s2v-mini", quant="fp8", int8_activations=True)
+    assert main(["generate", "--quant", "int4"]) == 2
+    pipe = wanmoe.load("s2v-mini", quant="high=fp8,low=int8", int8_activations=True)
+    high, low = (pipe.components.experts.get(n) for n in names)
+    assert pipe.options.quant == "high=fp8,low=int8" and not pipe.options.int8
+    assert pipe.options.all_quantized and pipe.options.expert_quant("low") == "int8"
+    assert [type(m) for m in high.modules() if isinstance(m, (Fp8Linear, Int8Linear))] == \
+        [Fp8Linear] * len(quantized_names(high))
+    assert quantized_names(low) and all(isinstance(low.get_submodule(n), Int8Linear) for n in quantized_names(low))
+    assert all(low.get_submodule(n).int8_activations for n in quantized_names(low))
+    half = wanmoe.load("s2v-mini", quant={"low": "fp8"})
+    assert not quantized_names(half.components.experts.get("high")) and not half.options.all_quantized

@@ -284,6 +284,7 @@ def load(
     plan_size: str | tuple[int, int] | None = None,
     stream_staging: int = 0,
     int8_activations: bool = False,
+    quant: str | dict[str, str | None] | None = None,
     distilled: bool = False,
     parallel: ParallelState | None = None,
     **parallel_flags: object,
@@ -296,6 +297,8 @@ def load(
     raises InputError('vram_gb') before any work. docs/performance.md, "Planning and --vram_gb".
     stream_staging (with vram_gb): when a stream policy is chosen, copy blocks through this many pinned buffers
     instead of pinning the experts (wanmoe.memory.stream, "Staging ring").
+    quant: 8-bit expert weights, "int8" or "fp8" for every expert, or per expert ({"high": "fp8", "low": None} or
+    "high=fp8,low=none"); int8=True is quant="int8".
     distilled: the task's shipped few-step option (`Pipeline.use_distilled`)."""
     cfg, root = resolve(model, ckpt_dir, task)
     if task is not None and ckpt_dir is None and Path(str(model)).is_dir():
@@ -309,7 +312,7 @@ def load(
     opts = make_options(cfg, ckpt_dir=root, device=device, offload_model=offload_model,
                         convert_model_dtype=convert_model_dtype, int8=int8, t5_cpu=t5_cpu, compile=compile,
                         world=parallel.world, vram_gb=vram_gb, plan_for=plan_for, stream_staging=stream_staging,
-                        int8_activations=int8_activations,
+                        int8_activations=int8_activations, quant=quant,
                         **parallel_flags)  # type: ignore[arg-type]
     pipe = Pipeline(cfg, loading.load_components(cfg, opts, parallel), opts)
     if distilled:

@@ -109,7 +109,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     ours.add_argument("--cfg_parallel", action="store_true",
                       help="run the conditional and unconditional passes on two rank groups (world = 2 x ulysses_size)")
     ours.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
-    ours.add_argument("--int8", action="store_true", help="weight-only int8 experts")
+    ours.add_argument("--int8", action="store_true", help="weight-only int8 experts (the same as --quant int8)")
+    ours.add_argument("--quant", default=None,
+                      help="8-bit expert weights: int8 or fp8 for every expert, or per expert as high=fp8,low=none "
+                           "(fp8 multiplies in fp8 on GPUs with fp8 tensor cores, else weight-only; "
+                           "docs/performance.md)")
     ours.add_argument("--int8_activations", action="store_true",
                       help="with --int8: quantize activations per token too and multiply int8 by int8 (faster on "
                            "CPU, a little less exact; docs/performance.md)")
@@ -148,7 +152,8 @@ FLAGS = {
     "clip_context": "--clip_context",
     "image": "--image", "audio": "--audio", "pose_video": "--pose_video", "ckpt_dir": "--ckpt_dir",
     "device": "--device", "offload_model": "--offload_model", "t5_cpu": "--t5_cpu", "int8": "--int8",
-    "convert_model_dtype": "--convert_model_dtype", "ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel",
+    "quant": "--quant", "convert_model_dtype": "--convert_model_dtype", "ulysses_size": "--ulysses_size",
+    "cfg_parallel": "--cfg_parallel",
     "dit_fsdp": "--dit_fsdp", "t5_fsdp": "--t5_fsdp", "save_file": "--save_file", "model": "--task",
     "cache": "--cache", "cache_max_skips": "--cache_max_skips", "batch_cfg": "--batch_cfg", "compile": "--compile",
     "tts_text": "--tts_text", "tts_voice": "--tts_voice", "lora": "--lora", "vram_gb": "--vram_gb",
@@ -260,7 +265,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             compile=args.compile,
                             ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel, dit_fsdp=args.dit_fsdp,
                             t5_fsdp=args.t5_fsdp, world=world, vram_gb=args.vram_gb, plan_for=req,
-                            stream_staging=args.stream_staging, int8_activations=args.int8_activations)
+                            stream_staging=args.stream_staging, int8_activations=args.int8_activations,
+                            quant=args.quant)
         inputs = read_inputs(cfg, image=args.image, audio=args.audio, pose_video=args.pose_video,
                              tts_text=args.tts_text, tts_voice=args.tts_voice)
         for spec in args.lora or ():  # syntax, expert names, then the file's keys and shapes (header only)

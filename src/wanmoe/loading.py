@@ -141,18 +141,18 @@ def load_audio_encoder(cfg: PipelineConfig, root: Path):
     return Wav2Vec2AudioEncoder(folder)
 
 
-def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None, int8: bool, cfg=None,  # noqa: ANN001
+def expert_loader(folder: Path, device: torch.device, dtype: torch.dtype | None, quant: str | None, cfg=None,  # noqa: ANN001
                   compile: bool = False, frugal: bool = False, int8_activations: bool = False):
-    """Zero-argument loader for the residency manager: meta build + memory-mapped safetensors, optional int8, optional
-    token chunks (`frugal`), optional torch.compile (the module compiles on its first forward; a reloaded expert
-    compiles again)."""
+    """Zero-argument loader for the residency manager: meta build + memory-mapped safetensors, optional 8-bit
+    weights (quant "int8" or "fp8"), optional token chunks (`frugal`), optional torch.compile (the module compiles
+    on its first forward; a reloaded expert compiles again)."""
 
     def load() -> torch.nn.Module:
         model = ck.load_dit(folder, dtype=dtype, device="cpu", cfg=cfg).eval()
-        if int8:
+        if quant is not None:
             from wanmoe.memory.quantize import quantize_, set_int8_activations
 
-            quantize_(model, "int8")
+            quantize_(model, quant)
             set_int8_activations(model, int8_activations)
         if frugal:
             enable_frugal(dit=model)
@@ -271,14 +271,14 @@ def load_components(cfg: PipelineConfig, opts: LoadOptions, parallel: ParallelSt
     compute = numerics.compute_dtype(device, opts.convert_model_dtype)
     weights = numerics.weight_dtype(device, opts.convert_model_dtype)
     # The residency policy: chosen by vram_gb (request.plan_options) or official offload_model; "stream+int8" is the
-    # pool's "stream" with int8 experts (opts.int8 says so). Streamed experts load into host memory: the pool
+    # pool's "stream" with 8-bit experts (opts.quant says which). Streamed experts load into host memory: the pool
     # moves their non-block parts and streams their blocks.
     policy = (opts.policy or policy_from_flags(opts.offload_model)).split("+")[0]
     # The memory knobs (DiT token chunks, VAE tiles) the planner assumes for every policy on CUDA.
     frugal = device.type == "cuda" or policy == "stream"
     home = torch.device("cpu") if policy == "stream" else device
-    loaders = {n: expert_loader(f, home, weights, opts.int8, cfg.dit if small else None, opts.compile, frugal,
-                                opts.int8_activations)
+    loaders = {n: expert_loader(f, home, weights, opts.expert_quant(n), cfg.dit if small else None, opts.compile,
+                                frugal, opts.int8_activations)
                for n, f in folders.items()}
     if parallel.world > 1:
         loaders = {n: parallel_loader(f, parallel) for n, f in loaders.items()}

@@ -16,8 +16,8 @@ unless the caller asks to skip them. Any other key that maps to nothing is refus
 A LoRA (B up (O, r), A down (r, I), alpha) adds `scale * alpha / r * B @ A` to the weight (alpha absent: alpha/r
 = 1, as diffusers assumes); conv targets flatten the kernel axes into I. `merge` adds the delta in fp32 and
 rounds once into the weight's dtype, keeping a reference to the original tensor so `remove()` restores it bit
-for bit. Int8 layers (`Int8Linear`) have no float weight to merge into, so their low-rank terms run beside the
-layer as a forward hook adding `scale * alpha / r * (x A^T) B^T` (mode "runtime"; "auto" picks it for int8).
+for bit. 8-bit layers (`Int8Linear`, `Fp8Linear`) have no float weight to merge into, so their low-rank terms run
+beside the layer as a forward hook adding `scale * alpha / r * (x A^T) B^T` (mode "runtime"; "auto" picks it for them).
 
 In a pipeline the experts load lazily and may be dropped and reloaded (`ExpertPool` policy "free"), so a
 `LoraStack` is the pool's `transform`: it applies the current LoRAs to every freshly loaded expert. Loading or
@@ -110,13 +110,13 @@ class Target:
 def model_targets(model: nn.Module) -> dict[str, Target]:
     """Every writable place of a float model (built on meta is enough), by official path; int8 layers count as
     the Linear they replace."""
-    from wanmoe.memory.quantize import Int8Linear
+    from wanmoe.memory.quantize import QuantLinear
 
     out: dict[str, Target] = {}
     for name, mod in model.named_modules():
         pre = f"{name}." if name else ""
         own = dict(mod.named_parameters(recurse=False))
-        if isinstance(mod, Int8Linear):
+        if isinstance(mod, QuantLinear):
             own = {"weight": torch.empty(mod.out_features, mod.in_features, device="meta"), **own}
         w, b = own.pop("weight", None), own.pop("bias", None)
         if w is not None:
@@ -414,7 +414,7 @@ def apply_lora(model: nn.Module, lora: LoRA, scale: float = 1.0, *, mode: str = 
     merges float layers and runs int8 ones beside. keep_original=False frees the original tensors (then only
     reloading the model removes the LoRA).
     """
-    from wanmoe.memory.quantize import Int8Linear
+    from wanmoe.memory.quantize import QuantLinear
     from wanmoe.numerics import fp32_predicate
 
     if mode not in MODES:
@@ -432,10 +432,11 @@ def apply_lora(model: nn.Module, lora: LoRA, scale: float = 1.0, *, mode: str = 
         for path, d in lora.deltas.items():
             t = targets[path]
             mod = model.get_submodule(path) if t.weight == f"{path}.weight" else None
-            int8 = isinstance(mod, Int8Linear)
-            beside = int8 or (mode == "runtime" and isinstance(mod, nn.Linear) and not fp32(path))
-            if int8 and mode == "merge":
-                raise ValueError(f"{path} is int8: its LoRA runs beside it (mode 'auto' or 'runtime'), not merged")
+            quant = isinstance(mod, QuantLinear)
+            beside = quant or (mode == "runtime" and isinstance(mod, nn.Linear) and not fp32(path))
+            if quant and mode == "merge":
+                raise ValueError(f"{path} is {mod.mode}: its LoRA runs beside it (mode 'auto' or 'runtime'), "
+                                 "not merged")
             if beside and (d.down is not None or d.diff is not None):
                 _runtime_hook(mod, d, scale, applied)  # type: ignore[arg-type]
             elif not beside:

@@ -83,13 +83,18 @@ def compute_dtype(device: torch.device | str, convert_model_dtype: bool) -> torc
     return torch.float32
 
 
+def _castable(t: torch.Tensor) -> bool:
+    # Floating tensors, except 8-bit floats: those are quantized storage (fp8 weights), like int8.
+    return t.is_floating_point() and t.element_size() > 1
+
+
 @torch.no_grad()
 def cast_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast floating parameters and buffers to dtype in place, except what `keeps_fp32` names; returns model.
 
     This is `convert_model_dtype` (official: `model.to(param_dtype)`) under the policy above. Integer tensors
-    (int8 weights) are untouched; works on meta models. Parameters keep their identity (`.data` is swapped,
-    as `Module.to` does), so tied weights and optimizer references survive.
+    (int8 weights) and 8-bit floats (fp8 weights) are untouched; works on meta models. Parameters keep their
+    identity (`.data` is swapped, as `Module.to` does), so tied weights and optimizer references survive.
     """
     if not dtype.is_floating_point:
         raise TypeError(f"cast_ needs a floating dtype; got {dtype}")
@@ -97,10 +102,10 @@ def cast_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for prefix, mod in model.named_modules():
         for name, p in mod.named_parameters(recurse=False):
             full = f"{prefix}.{name}" if prefix else name
-            if p.is_floating_point() and p.dtype != dtype and not keep(full):
+            if _castable(p) and p.dtype != dtype and not keep(full):
                 p.data = p.data.to(dtype)
         for name, b in list(mod._buffers.items()):
             full = f"{prefix}.{name}" if prefix else name
-            if b is not None and b.is_floating_point() and b.dtype != dtype and not keep(full):
+            if b is not None and _castable(b) and b.dtype != dtype and not keep(full):
                 mod._buffers[name] = b.to(dtype)
     return model

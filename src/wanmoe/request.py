@@ -107,9 +107,26 @@ class LoadOptions:
     plan_passes: int = 2
     stream_staging: int = 0  # under a stream policy: pinned staging buffers instead of pinned experts (0: pin them)
     int8_activations: bool = False  # with int8: quantize activations per token too, int8 x int8 matmuls
+    # 8-bit expert weights (check_quant): "int8" / "fp8" for every expert, or per expert as "high=fp8,low=none";
+    # None: none. int8=True is quant "int8".
+    quant: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def _modes(self) -> dict[str, str | None]:
+        return quant_modes(self.quant or ("int8" if self.int8 else None))  # int8=True alone still means int8
+
+    def expert_quant(self, name: str) -> str | None:
+        """The 8-bit mode of expert `name` ("int8", "fp8") or None (float weights)."""
+        modes = self._modes()
+        return modes.get(name, modes.get("*"))
+
+    @property
+    def all_quantized(self) -> bool:
+        """Every expert has 8-bit weights (what the planner's 8-bit policies assume: int8 and fp8 cost the same)."""
+        modes = self._modes()
+        return bool(modes) and all(m is not None for m in modes.values())
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -173,6 +190,48 @@ def _guidance(v: object, names: tuple[str, ...]) -> dict[str, float]:
         return per_expert_scale(vals, names)
     except ValueError as e:
         raise InputError("guide_scale", str(e)) from e
+
+
+QUANT_MODES = ("int8", "fp8")
+
+
+def quant_modes(spec: str | None) -> dict[str, str | None]:
+    """A normalized quant spec -> {expert name or "*": mode or None}."""
+    if not spec:
+        return {}
+    if "=" not in spec:
+        return {"*": spec}
+    return {k: (None if v == "none" else v) for k, _, v in (p.partition("=") for p in spec.split(","))}
+
+
+def check_quant(quant: object, names: tuple[str, ...], int8: bool = False) -> str | None:
+    """8-bit expert weights -> the normalized spec LoadOptions keeps, or InputError('quant').
+
+    quant: None, "int8" / "fp8" (every expert), per expert as a mapping {"high": "fp8", "low": None} or the string
+    "high=fp8,low=none" (experts not named keep float weights). int8=True (the --int8 flag) means "int8"."""
+    if quant is None or quant == "" or quant == {}:
+        return "int8" if int8 else None
+    if isinstance(quant, str) and "=" in quant:
+        pairs = [p.partition("=") for p in quant.split(",")]
+        if any(not k.strip() or not sep for k, sep, _ in pairs):
+            raise InputError("quant", f"per expert it looks like high=fp8,low=int8; got {quant!r}")
+        quant = {k.strip(): v.strip() for k, _, v in pairs}
+    if isinstance(quant, Mapping):
+        unknown = sorted(set(map(str, quant)) - set(names))
+        if unknown:
+            raise InputError("quant", f"names unknown experts {unknown}; this task has {list(names)}")
+        modes = {n: quant.get(n) for n in names}
+        modes = {n: None if m in (None, "none", "") else check_choice("quant", m, QUANT_MODES)
+                 for n, m in modes.items()}
+    else:
+        modes = dict.fromkeys(names, check_choice("quant", quant, QUANT_MODES))
+    if int8 and set(modes.values()) != {"int8"}:
+        raise InputError("quant", f"int8 asks for int8 on every expert; quant says {modes} (give one of them)")
+    if set(modes.values()) == {None}:
+        return None
+    if len(set(modes.values())) == 1:
+        return next(iter(modes.values()))
+    return ",".join(f"{n}={m or 'none'}" for n, m in modes.items())
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -312,6 +371,7 @@ def make_options(
     plan_for: Request | None = None,
     stream_staging: int = 0,
     int8_activations: bool = False,
+    quant: str | Mapping[str, str | None] | None = None,
 ) -> LoadOptions:
     """Load options, validated against the task and the number of processes (`world`, from torchrun).
 
@@ -320,6 +380,8 @@ def make_options(
     raises InputError('vram_gb', ...) before anything loads when nothing fits. docs/performance.md.
     stream_staging: when vram_gb picks a stream policy, copy blocks through this many pinned buffers instead of
     pinning the experts (less pinned host memory, no pinning time; the host copies cost time on short steps).
+    quant: 8-bit expert weights, "int8" or "fp8" for every expert or per expert (`check_quant`); int8=True is
+    quant="int8".
     """
     for name, v in (("offload_model", offload_model), ("t5_cpu", t5_cpu), ("int8", int8),
                     ("convert_model_dtype", convert_model_dtype), ("cfg_parallel", cfg_parallel),
@@ -329,7 +391,9 @@ def make_options(
             raise InputError(name, f"must be true or false, got {v!r}")
     ulysses_size = check_int("ulysses_size", ulysses_size, 1, 1024)
     stream_staging = check_int("stream_staging", stream_staging, 0, 64)
-    if int8_activations and not int8:
+    quant = check_quant(quant, tuple(cfg.experts), bool(int8))
+    int8 = quant == "int8"
+    if int8_activations and "int8" not in quant_modes(quant).values():
         raise InputError("int8_activations", "needs int8 (the weights int8 too): give both")
     if stream_staging and vram_gb is None:
         raise InputError("stream_staging", "applies to the stream policies, which vram_gb chooses: give vram_gb too")
@@ -359,7 +423,7 @@ def make_options(
         offload_model=world == 1 if offload_model is None else offload_model,
         t5_cpu=t5_cpu, convert_model_dtype=convert_model_dtype, int8=int8, compile=compile, ulysses_size=ulysses_size,
         cfg_parallel=cfg_parallel, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, stream_staging=stream_staging,
-        int8_activations=int8_activations,
+        int8_activations=int8_activations, quant=quant,
     )
     if vram_gb is None:
         return opts
@@ -390,26 +454,31 @@ def plan_options(cfg: PipelineConfig, opts: LoadOptions, vram_gb: object, *, off
     if world != 1:
         raise InputError("vram_gb", "plans one GPU; under torchrun set the memory flags (offload_model, t5_cpu, "
                                     "int8) yourself")
+    if opts.quant and not opts.all_quantized:
+        raise InputError("quant", f"{opts.quant}: with vram_gb give one mode for every expert (the planner plans "
+                                  "one precision for all of them)")
     size = plan_for.size_str if plan_for is not None else cfg.default_size
     if plan_for is None:
         frames = cfg.infer_frames if cfg.modality == "s2v" else cfg.frame_num
     else:
         frames = plan_for.infer_frames if cfg.modality == "s2v" else plan_for.frame_num
     passes = plan_passes(cfg, plan_for)
+    eight = opts.all_quantized  # int8 and fp8 weights cost the same bytes: the planner's 8-bit policies
     try:
-        choice = pp.choose_policy(cfg, size, budget, frames=frames, offload_model=offload_model, int8=opts.int8,
+        choice = pp.choose_policy(cfg, size, budget, frames=frames, offload_model=offload_model, int8=eight,
                                   t5_cpu=opts.t5_cpu, passes=passes)
     except pp.DoesNotFit as e:
         hint = ""
         if offload_model is not None:  # the explicit flag narrowed the choice: say which way
             hint = (f"; offload_model={offload_model} allows only "
-                    f"{', '.join(pp.candidates(offload_model, opts.int8))} (leave it out to let vram_gb choose)")
+                    f"{', '.join(pp.candidates(offload_model, eight))} (leave it out to let vram_gb choose)")
         raise InputError("vram_gb", f"{e}{hint}") from None
     r, p = choice.plan.residency, choice.plan
     why = " (no bf16 policy fits: weight-only int8 experts)" if choice.int8_fallback else ""
     log.info("vram_gb %g: residency policy %s%s, predicted peak %.1f GB (phase %s) for %s at "
                                      "%s, %d frames", budget, choice.policy, why, p.peak / 1e9,
                                      max(p.phases, key=p.phases.get), cfg.task, size, frames)
+    quant = opts.quant or ("int8" if r.int8 else None)  # the planner's 8-bit policies: int8 unless fp8 was asked
     return dataclasses.replace(opts, vram_gb=budget, policy=choice.policy, offload_model=r.experts != "resident",
-                               int8=r.int8, t5_cpu=r.t5_cpu, convert_model_dtype=True, plan_size=size,
-                               plan_frames=frames, plan_passes=passes)
+                               int8=quant == "int8", quant=quant, t5_cpu=r.t5_cpu, convert_model_dtype=True,
+                               plan_size=size, plan_frames=frames, plan_passes=passes)

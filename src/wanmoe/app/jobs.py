@@ -32,7 +32,7 @@ from wanmoe.configs import PipelineConfig
 from wanmoe.experts import expert_weights
 from wanmoe.inputs import Inputs, read_inputs
 from wanmoe.pipeline import Preview, Progress
-from wanmoe.request import InputError, Request, make_request
+from wanmoe.request import QUANT_MODES, InputError, Request, make_request
 from wanmoe.sampling.schedules import flow_sigmas
 
 log = logging.getLogger(__name__)
@@ -136,13 +136,27 @@ def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:n] or "video"
 
 
-class JobQueue:
-    """Jobs in order; one worker thread runs them through `load(int8)`'s pipeline."""
+def quant_of(form: dict) -> str | None:
+    """The experts' weights a form asks for: `quant` ("float", "int8", "fp8"; empty: float) or the older `int8`
+    flag -> None, "int8" or "fp8"; InputError('quant') for anything else."""
+    q = str(form.get("quant") or "").strip().lower()
+    if q in ("", "float", "none"):
+        return "int8" if form.get("int8") else None
+    if q not in QUANT_MODES:
+        raise InputError("quant", f"must be one of float, {', '.join(QUANT_MODES)}; got {form.get('quant')!r}")
+    if form.get("int8") and q != "int8":
+        raise InputError("quant", f"{q} conflicts with int8 (give one of them)")
+    return q
 
-    def __init__(self, load: Callable[[bool], Pipeline], out_dir: Path, *, upload_dir: Path | None = None,
+
+class JobQueue:
+    """Jobs in order; one worker thread runs them through `load(quant)`'s pipeline (quant: None for float experts,
+    "int8" or "fp8"; one pipeline per mode, loaded on first use)."""
+
+    def __init__(self, load: Callable[[str | None], Pipeline], out_dir: Path, *, upload_dir: Path | None = None,
                  max_queued: int = 16, max_clips: int = 20, warmup: bool = True) -> None:
         self._load, self._pipes = load, {}
-        self.pipe = self._pipe(False)
+        self.pipe = self._pipe(None)
         self.cfg = self.pipe.cfg
         self.out_dir = Path(out_dir).resolve()
         self.jobs_dir = self.out_dir / "jobs"
@@ -165,10 +179,10 @@ class JobQueue:
 
     # ------------------------------------------------------------------------------------------- submitting
 
-    def _pipe(self, int8: bool) -> Pipeline:
-        if int8 not in self._pipes:
-            self._pipes[int8] = self._load(int8)
-        return self._pipes[int8]
+    def _pipe(self, quant: str | None) -> Pipeline:
+        if quant not in self._pipes:
+            self._pipes[quant] = self._load(quant)
+        return self._pipes[quant]
 
     def _upload(self, name: str, path: object) -> str | None:
         """An uploaded file's path, only if it lies inside the upload folder (no user-supplied path is opened)."""
@@ -196,6 +210,7 @@ class JobQueue:
         tts_text = (form.get("tts_text") or "").strip() or None
         image_path, audio_path = self._upload("image", image), self._upload("audio", audio)
         kw = self.settings(form)
+        quant_of(form)  # checked now, not when the job runs
         if kw.get("cache") is not None and getattr(self.pipe.components, "cache_calibration", None) is None:
             raise InputError("cache", "is not available for this model (it has no step-cache calibration)")
         req = make_request(self.cfg, **kw)
@@ -384,7 +399,7 @@ class JobQueue:
             w, h = job.request.size
             path = job.folder / f"{self.cfg.task}_{w}x{h}_{_slug(job.request.prompt)}_{job.id}.mp4"
             # Each clip is muxed as soon as it is decoded; the mp4 and its sidecar appear together at the end.
-            video = self._generate(self._pipe(bool(job.form.get("int8"))), job, save=path)
+            video = self._generate(self._pipe(quant_of(job.form)), job, save=path)
             job.video, job.sidecar = path, path.with_suffix(".json")
             job.timings = {k: round(float(v), 3) for k, v in video.timings.items()}
             mux_s = max(0.0, video.timings["total_s"] - video.timings.get("generate_s", video.timings["total_s"]))

@@ -35,7 +35,7 @@ log = logging.getLogger("wanmoe.app")
 NUMBERS = {"steps": int, "seed": int, "num_clip": int, "infer_frames": int, "shift": float, "boundary": float,
            "threshold": float, "blend": float, "motion_scale": float, "cache": float}
 TEXTS = ("prompt", "negative_prompt", "tts_text", "tts_voice", "quality", "solver", "size", "guide_scale", "int8",
-         "clip_context")
+         "quant", "clip_context")
 MAX_UPLOAD_MB = 64
 
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    q = JobQueue(lambda int8: first if not int8 else wanmoe.load(args.model, int8=True, **opts), out,
+    q = JobQueue(lambda quant: first if quant is None else wanmoe.load(args.model, quant=quant, **opts), out,
                  upload_dir=uploads, max_queued=args.max_queued, max_clips=args.max_clips, warmup=not args.no_warmup)
     allowed = [str(out)] + ([str(Path(first.cfg.example_files()["image"]).parent)] if first.cfg.embedded else [])
     app = make_app(q, uploads, allowed)

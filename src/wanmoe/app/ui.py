@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from wanmoe.app.jobs import QUALITY, Job, JobQueue, preset_steps
+from wanmoe.app.jobs import QUALITY, Job, JobQueue, preset_steps, quant_of
 from wanmoe.configs import PipelineConfig
 from wanmoe.request import InputError
 from wanmoe.sampling.schedules import SOLVERS
@@ -151,7 +151,8 @@ def _form(cfg: PipelineConfig, can_cache: bool) -> dict[str, gr.components.Compo
         with gr.Row():
             f["size"] = gr.Dropdown(list(cfg.sizes) or [cfg.default_size], value=cfg.default_size,
                                     allow_custom_value=True, label="Size (W*H)")
-            f["int8"] = gr.Checkbox(value=False, label="int8 experts")
+            f["quant"] = gr.Dropdown(["float", "int8", "fp8"], value="float", label="Expert weights (8-bit: less "
+                                     "memory; fp8 runs in fp8 on GPUs with fp8 tensor cores)")
             f["cache"] = gr.Slider(0.0, 0.5, step=0.05, value=0.0, visible=can_cache,
                                    label="Step caching threshold (0: off)")
     return f
@@ -310,7 +311,7 @@ def _restore(q: JobQueue, job_id: str) -> dict:
            "seed": str(r.seed), "boundary": f.get("boundary", q.cfg.boundary), "blend": f.get("blend") or 0.0,
            "motion_scale": r.motion_scale, "num_clip": r.num_clip or 0, "clip_context": r.clip_context,
            "size": r.size_str,
-           "int8": bool(f.get("int8")), "cache": f.get("cache") or 0.0}
+           "quant": quant_of(f) or "float", "cache": f.get("cache") or 0.0}
     return out | {f"guide_{n}": r.guide_scale.get(n) for n in experts}
 
 
