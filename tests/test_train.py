@@ -212,6 +212,32 @@ def test_continuation_clips_train_the_motion_tokens(tmp_path):
                            files, "--cont_frac", "1", "--motion_lr_mult", "10"]) == 0
     groups = torch.load(run / "experts" / "high.pt", weights_only=True)["opt"]["param_groups"]
     assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    # The high-noise expert's colour jitter is one draw per clip: its motion frames get the reference's (and the
+    # targets') per-channel scale and bias, read back here by least squares from what the model was handed.
+    from wanmoe.models.dit import DiT
+    from wanmoe.train.loop import train_expert
+
+    seen, real = [], DiT.forward
+
+    def spy(self, x, t, ctx, *a, s2v=None, **k):  # noqa: ANN001, ANN002, ANN003
+        seen.append((s2v.ref_latents.detach().clone(), s2v.motion_latents.detach().clone()))
+        return real(self, x, t, ctx, *a, s2v=s2v, **k)
+
+    data = LatentSet.cat([cont, cont])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DiT, "forward", spy)
+        train_expert(cfg, data, tmp_path / "jit", expert="high", steps=1, batch=1, cont_frac=1.0, motion_noise=0.0,
+                     progress=False, ckpt_every=10)
+    ref, motion = seen[0]
+    c = ref.shape[1]
+    for row in range(len(data.latents)):  # which clip was drawn: the one whose jittered reference fits exactly
+        r0, m0 = data.latents[row, :, :1].reshape(c, -1), data.motion[row].reshape(c, -1)
+        a = torch.stack([r0, torch.ones_like(r0)], -1)  # (C, n, 2): ref = scale * r0 + bias per channel
+        sol = torch.linalg.lstsq(a, ref[0].reshape(c, -1, 1)).solution  # (C, 2, 1)
+        if torch.allclose(a @ sol, ref[0].reshape(c, -1, 1), atol=1e-4):
+            break
+    assert not torch.allclose(sol[:, 0], torch.ones(c, 1))  # a jitter was applied
+    torch.testing.assert_close(motion[0].reshape(c, -1), m0 * sol[:, 0] + sol[:, 1], atol=1e-4, rtol=1e-4)
 
 
 def test_expert_checkpoint_from_before_the_motion_rate_resumes(tmp_path):

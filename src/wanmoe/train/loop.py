@@ -142,12 +142,12 @@ def _init_state(cfg: PipelineConfig, init: Path) -> dict[str, Tensor]:
     return torch.load(init, map_location="cpu", weights_only=True)["ema"]
 
 
-def jitter_latents(z: Tensor, g: torch.Generator, strength: float = 0.15) -> Tensor:
-    """Per-sample, per-channel affine jitter of the latent stream (colour/contrast-like augmentation)."""
-    b, c = z.shape[:2]
+def jitter_draw(b: int, c: int, g: torch.Generator, strength: float = 0.15) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel affine jitter of the latent stream (colour/contrast-like augmentation): the
+    (scale, bias) pair, each (B, C, 1, 1, 1), that `z * scale + bias` applies to every latent of a clip."""
     scale = 1 + strength * (2 * torch.rand(b, c, 1, 1, 1, generator=g) - 1)
     bias = strength * (2 * torch.rand(b, c, 1, 1, 1, generator=g) - 1)
-    return z * scale + bias
+    return scale, bias
 
 
 def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str, steps: int, batch: int = 2,
@@ -211,8 +211,11 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
         pool = cont if use_cont else first
         idx = pool[torch.randint(len(pool), (batch,), generator=g)]
         z = data.latents[idx]  # (B, C, 1 + F, H, W)
-        if expert == "high":
-            z = jitter_latents(z, g)
+        # The high-noise expert's colour jitter: one draw per clip, applied to its reference, targets and motion
+        # frames alike (they are one video: at inference the motion frames come from the same colours).
+        jit = jitter_draw(*z.shape[:2], g) if expert == "high" else None
+        if jit is not None:
+            z = z * jit[0] + jit[1]
         ref, x0 = z[:, :, :1], z[:, :, 1:]
         audio, ctx = data.audio[idx].clone(), data.context[idx].clone()
         # Condition dropout so classifier-free (text) and audio guidance have an unconditional model to use.
@@ -225,8 +228,8 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
         xt = (1 - s) * x0 + s * noise  # flow matching: x_sigma = (1 - sigma) x0 + sigma eps
         if use_cont:
             motion = data.motion[idx]  # (B, C, Fm, H, W)
-            if expert == "high":  # the same jitter as the clip's own latents would be better; cheap and close
-                motion = jitter_latents(motion, g)
+            if jit is not None:
+                motion = motion * jit[0] + jit[1]
             amp = motion_noise * torch.rand(batch, 1, 1, 1, 1, generator=g)
             motion = motion + amp * torch.randn(motion.shape, generator=g)
         else:
