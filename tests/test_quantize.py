@@ -339,3 +339,29 @@ def test_quant_option_per_expert():
     assert all(low.get_submodule(n).int8_activations for n in quantized_names(low))
     half = wanmoe.load("s2v-mini", quant={"low": "fp8"})
     assert not quantized_names(half.components.experts.get("high")) and not half.options.all_quantized
+
+
+def test_fp8_product_refused_falls_back_to_weight_only(monkeypatch, caplog):
+    """On a device that claims fp8 tensor cores but whose torch._scaled_mm refuses the operands, an fp8 layer
+    warns once and runs weight-only from then on (an untested GPU must not end a run); forced, the error stands."""
+    from wanmoe.memory import quantize as qz
+
+    torch.manual_seed(0)
+    q = qz.Fp8Linear.from_linear(nn.Linear(64, 32)).to(torch.bfloat16)
+    x = torch.randn(3, 20, 64, dtype=torch.bfloat16)
+    calls = []
+
+    def refuse(*a, **k):  # noqa: ANN002, ANN003
+        calls.append(1)
+        raise RuntimeError("row-wise scaling is not supported here")
+
+    monkeypatch.setattr(qz, "fp8_tensor_cores", lambda device: True)
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    monkeypatch.setattr(qz, "_FP8_REFUSED", {})
+    with torch.no_grad(), caplog.at_level("WARNING", logger="wanmoe.memory.quantize"):
+        want = q._weight_only(x)
+        assert torch.equal(q(x), want) and torch.equal(q(x), want)
+    assert calls == [1] and sum("fp8 product refused" in r.message for r in caplog.records) == 1
+    q.fp8_matmul = True
+    with torch.no_grad(), pytest.raises(RuntimeError, match="row-wise"):
+        q(x)

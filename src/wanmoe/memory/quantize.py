@@ -24,7 +24,8 @@ torchao's `int8_dynamic_activation_int8_weight`, without its smoothing. Measured
 max|w_row| / 448), the same bytes as int8. Where the GPU has fp8 tensor cores (CUDA compute capability 8.9 or later)
 and the input is bf16, the layer rounds its input to e4m3 per token and multiplies fp8 by fp8 with fp32
 accumulation (`torch._scaled_mm`, row-wise scales); elsewhere (the CPU, older GPUs) it is weight-only, like int8's
-default path: e4m3 -> bf16/fp32 is exact. On this project's CPU PyTorch's fp8 product measured 2-3x slower than an
+default path: e4m3 -> bf16/fp32 is exact. A device whose `torch._scaled_mm` refuses the product gets one warning and
+weight-only layers from then on. On this project's CPU PyTorch's fp8 product measured 2-3x slower than an
 fp32 matmul, so it is only a memory option there.
 
 Axis legend: O output features, I input features, L tokens (any leading axes of x).
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -45,6 +47,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from wanmoe.numerics import fp32_predicate
+
+log = logging.getLogger(__name__)
 
 __all__ = ["QuantLinear", "Int8Linear", "Fp8Linear", "fp8_tensor_cores", "quantize_", "quantized_state_dict",
            "save_quantized", "load_quantized", "quantized_names", "weight_bytes", "set_int8_activations", "QUANT_KEY"]
@@ -69,6 +73,9 @@ def fp8_tensor_cores(device: torch.device) -> bool:
 
 
 _FP8_CAPABLE: dict[int, bool] = {}
+# Devices whose torch._scaled_mm refused an fp8 product (a PyTorch or driver without row-wise fp8 scaling): their
+# Fp8Linear layers stay weight-only for the rest of the process, after one warning.
+_FP8_REFUSED: dict[str, str] = {}
 
 
 class QuantLinear(nn.Module):
@@ -181,12 +188,21 @@ class Fp8Linear(QuantLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._fp8_pays(x):
-            return self._forward_fp8(x)
+            try:
+                return self._forward_fp8(x)
+            except RuntimeError as e:
+                if self.fp8_matmul:  # asked for explicitly: say so
+                    raise
+                _FP8_REFUSED[str(x.device)] = str(e).splitlines()[0] if str(e) else type(e).__name__
+                log.warning("fp8 product refused on %s (%s): fp8 layers run weight-only there", x.device,
+                            _FP8_REFUSED[str(x.device)])
         return self._weight_only(x)
 
     def _fp8_pays(self, x: Tensor) -> bool:
         if self.fp8_matmul is not None:
             return self.fp8_matmul
+        if str(x.device) in _FP8_REFUSED:
+            return False
         # torch._scaled_mm's constraints on CUDA: both widths multiples of 16, row-wise scales with a bf16 output.
         return (x.dtype == torch.bfloat16 and fp8_tensor_cores(x.device) and x.numel() // self.in_features > 16
                 and self.in_features % 16 == 0 and self.out_features % 16 == 0)
