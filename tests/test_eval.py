@@ -72,3 +72,21 @@ def test_speech_samples_are_held_out_and_bounded(tmp_path):
     assert len({t for t, _ in eval_cli.SPEECH_CASES}) == len(eval_cli.SPEECH_CASES)
     with pytest.raises(SystemExit):
         eval_cli.main(["--speech", str(len(eval_cli.SPEECH_CASES) + 1), "--out", str(tmp_path)])
+
+
+def test_still_control_is_the_reference_held_still(tmp_path):
+    """The 'still' set-up runs no model: the reference (as the pipeline reads the PNG) repeated for the frames the
+    model makes; its picture metrics are those of that still video, and its mouth sync is 0."""
+    import torch
+
+    from wanmoe.eval import metrics as m
+
+    cases = eval_cli.held_out_cases(1, 68, 0, tmp_path)
+    res = eval_cli.run_setup("s2v-mini", None, {}, {}, cases, seed=0)
+    s = cases[0]["sample"]
+    gt = s.video[:, eval_cli.DROPPED : 68]
+    ref = ((s.ref.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # the PNG's uint8 values
+    still = ref[:, None].expand(-1, gt.shape[1], -1, -1)
+    assert res["psnr"] == pytest.approx(m.psnr(still, gt), abs=1e-4)
+    assert res["sync"] == 0 and res["identity"] == pytest.approx(1.0, abs=1e-6)
+    assert not res["cases"][0]["sync_other"] and torch.isfinite(torch.tensor(res["ssim"]))

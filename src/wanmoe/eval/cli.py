@@ -51,6 +51,9 @@ SETUPS: dict[str, tuple[str, dict, dict]] = {
     # clip from the reference image instead (clip_context "reference"), which --long measures against this.
     "two-frames": ("", {"clip_context": "frames"}, {}),
     "one-frames": ("single_expert", {"clip_context": "frames"}, {}),
+    # Control, no model: the reference image held still for as many frames as the model makes. It shows what the
+    # picture metrics give for keeping the face and moving nothing (its mouth sync is 0 by construction).
+    "still": (None, {}, {}),
 }
 # Frames the first clip loses (as the official S2V pipeline drops them): generated frame k shows ground-truth
 # frame k + DROPPED.
@@ -122,18 +125,25 @@ def run_setup(task: str, model_dir: Path, settings: dict, options: dict, cases: 
     from wanmoe.api import load
     from wanmoe.eval.metrics import peak_rss_mb
 
-    pipe = load(model_dir, task=None, **options)
+    pipe = None if model_dir is None else load(model_dir, task=None, **options)
     if frames is not None:
         settings = {**settings, "infer_frames": frames}
     rows, videos, seconds, n_frames, calls = [], [], 0.0, 0, {}
     for c in cases:
-        video = pipe(c["sample"].prompt, image=c["image"], audio=c["audio"], seed=seed, **settings)
-        for name, k in video.expert_calls.items():  # transformer evaluations per expert (fewer with caching)
-            calls[name] = calls.get(name, 0) + k
-        seconds += video.timings["generate_s"]
-        n_frames += video.num_frames
-        rows.append({"case": c["name"], **score(video.frames, c["sample"])})
-        videos.append(video.frames)
+        if pipe is None:  # the "still" control: the reference as the pipeline reads it, repeated
+            from wanmoe.inputs import load_image
+
+            t = (frames or PRESETS[task].infer_frames) - DROPPED
+            frames_ = load_image(c["image"])[:, None].expand(-1, t, -1, -1).contiguous()  # (3, T, H, W)
+        else:
+            video = pipe(c["sample"].prompt, image=c["image"], audio=c["audio"], seed=seed, **settings)
+            for name, k in video.expert_calls.items():  # transformer evaluations per expert (fewer with caching)
+                calls[name] = calls.get(name, 0) + k
+            seconds += video.timings["generate_s"]
+            n_frames += video.num_frames
+            frames_ = video.frames
+        rows.append({"case": c["name"], **score(frames_, c["sample"])})
+        videos.append(frames_)
     # Control: the same generated mouth against ANOTHER case's loudness envelope. A mouth that follows its own
     # audio scores high on "sync" and about 0 here; a generic open/close pattern scores alike on both.
     for k, r in enumerate(rows):
@@ -161,6 +171,8 @@ def run_checks(a: argparse.Namespace, root: Path, names: list[str], argv: list[s
     if a.motion < 0 or a.long < 0:
         raise SystemExit(f"--motion and --long must be >= 0, got {a.motion} and {a.long}")
     results, md = {}, [f"command: wanmoe eval {' '.join(argv if argv is not None else sys.argv[1:])}"]
+    if any(SETUPS[n][0] is None for n in names):
+        raise SystemExit("--motion and --long measure models; the 'still' control has none")
     for name in names:
         sub, settings, options = SETUPS[name]
         pipe = load(root / sub, task=None, **options)
@@ -217,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker is not None:  # subprocess mode: one set-up, JSON in and out
         job = json.loads(a.worker.read_text())
         cases = held_out_cases(job["n"], job["frames"], job["speech"], Path(job["work"]))
-        res = run_setup(job["task"], Path(job["model"]), job["settings"], job["options"], cases, job["seed"],
+        model = None if job["model"] is None else Path(job["model"])
+        res = run_setup(job["task"], model, job["settings"], job["options"], cases, job["seed"],
                         job.get("infer_frames"))
         Path(job["result"]).write_text(json.dumps(res))
         return 0
@@ -239,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = {}
         for name in names:
             sub, settings, options = SETUPS[name]
-            job = {"task": a.task, "model": str(root / sub), "settings": settings, "options": options, "n": a.n,
+            job = {"task": a.task, "model": None if sub is None else str(root / sub), "settings": settings,
+                   "options": options, "n": a.n,
                    "speech": a.speech, "frames": a.frames or cfg.infer_frames, "infer_frames": a.frames,
                    "seed": a.seed, "work": f"{work}/{name}", "result": f"{work}/{name}.json"}
             Path(job["work"]).mkdir()  # each worker writes its own inputs: workers may run side by side
