@@ -309,6 +309,20 @@ def test_make_options_refuses_before_loading(monkeypatch, tmp_path):
         make_options(cfg, ckpt_dir=str(tmp_path), device="cuda", vram_gb=1e-6, offload_model=False, plan_for=req)
 
 
+def test_vram_gb_with_fp8_or_per_expert_weights(monkeypatch, tmp_path, caplog):
+    """fp8 weights plan as the 8-bit policies (the same bytes) and stay fp8; one precision per expert is refused
+    with vram_gb (the planner plans one for all)."""
+    _no_loading(monkeypatch)
+    cfg = get_preset("t2v-tiny")
+    req = make_request(cfg, seed=0)
+    with caplog.at_level("INFO", logger="wanmoe.request"):
+        opts = make_options(cfg, ckpt_dir=str(tmp_path), device="cuda", vram_gb=1000, quant="fp8", plan_for=req)
+    assert (opts.policy, opts.quant, opts.int8) == ("resident+int8", "fp8", False)
+    assert "8-bit weights: fp8" in caplog.text
+    with pytest.raises(InputError, match="quant.*one mode for every expert"):
+        make_options(cfg, ckpt_dir=str(tmp_path), device="cuda", vram_gb=1000, quant="high=fp8", plan_for=req)
+
+
 def test_vram_gb_is_refused_on_the_cpu(tmp_path):
     with pytest.raises(InputError) as e:
         make_options(get_preset("t2v-A14B"), ckpt_dir=str(tmp_path), device="cpu", vram_gb=22)

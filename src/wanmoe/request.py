@@ -474,11 +474,12 @@ def plan_options(cfg: PipelineConfig, opts: LoadOptions, vram_gb: object, *, off
                     f"{', '.join(pp.candidates(offload_model, eight))} (leave it out to let vram_gb choose)")
         raise InputError("vram_gb", f"{e}{hint}") from None
     r, p = choice.plan.residency, choice.plan
-    why = " (no bf16 policy fits: weight-only int8 experts)" if choice.int8_fallback else ""
-    log.info("vram_gb %g: residency policy %s%s, predicted peak %.1f GB (phase %s) for %s at "
-                                     "%s, %d frames", budget, choice.policy, why, p.peak / 1e9,
-                                     max(p.phases, key=p.phases.get), cfg.task, size, frames)
     quant = opts.quant or ("int8" if r.int8 else None)  # the planner's 8-bit policies: int8 unless fp8 was asked
+    why = " (no bf16 policy fits: weight-only int8 experts)" if choice.int8_fallback else ""
+    if quant and quant != "int8":  # the policy names say int8; fp8 weights cost the same bytes
+        why += f" (8-bit weights: {quant})"
+    log.info("vram_gb %g: residency policy %s%s, predicted peak %.1f GB (phase %s) for %s at %s, %d frames", budget,
+             choice.policy, why, p.peak / 1e9, max(p.phases, key=p.phases.get), cfg.task, size, frames)
     return dataclasses.replace(opts, vram_gb=budget, policy=choice.policy, offload_model=r.experts != "resident",
                                int8=quant == "int8", quant=quant, t5_cpu=r.t5_cpu, convert_model_dtype=True,
                                plan_size=size, plan_frames=frames, plan_passes=passes)
