@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from wanmoe import checkpoint as ck
+from wanmoe import layouts
 from wanmoe.models.dit import DiT, DiTConfig
 from wanmoe.models.s2v import S2VConfig
 from wanmoe.models.vae import VAE_TINY, WanVAE
@@ -356,17 +357,17 @@ def _tiny_dit_folder(folder: Path, cfg: DiTConfig) -> None:
 def test_find_experts(tmp_path: Path, tiny_cfg: DiTConfig) -> None:
     for sub in ("low_noise_model", "high_noise_model"):
         ck.write_dit_config(tiny_cfg, tmp_path / "a14b" / sub)
-    experts = ck.find_experts(tmp_path / "a14b")
+    experts = layouts.find_experts(tmp_path / "a14b")
     assert list(experts.items()) == [("high", tmp_path / "a14b" / "high_noise_model"),
                                      ("low", tmp_path / "a14b" / "low_noise_model")]
     ck.write_dit_config(tiny_cfg, tmp_path / "s2v")
-    assert ck.find_experts(tmp_path / "s2v") == {ck.SINGLE_EXPERT: tmp_path / "s2v"}
+    assert layouts.find_experts(tmp_path / "s2v") == {layouts.SINGLE_EXPERT: tmp_path / "s2v"}
     ck.write_dit_config(tiny_cfg, tmp_path / "half" / "high_noise_model")
     with pytest.raises(ValueError, match="missing low_noise_model"):
-        ck.find_experts(tmp_path / "half")
+        layouts.find_experts(tmp_path / "half")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no DiT found .*high_noise_model/"):
-        ck.find_experts(tmp_path / "empty")
+        layouts.find_experts(tmp_path / "empty")
 
 
 def test_check_layout(tmp_path: Path, tiny_cfg: DiTConfig) -> None:
@@ -374,26 +375,26 @@ def test_check_layout(tmp_path: Path, tiny_cfg: DiTConfig) -> None:
     _tiny_dit_folder(root, tiny_cfg)
     _touch(root, "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/tokenizer.json", "Wan2.1_VAE.pth")
     with pytest.raises(ValueError) as e:
-        ck.check_layout(root, "s2v-14B")
+        layouts.check_layout(root, "s2v-14B")
     msg = str(e.value)
     assert "incomplete for task 's2v-14b'" in msg and "expected:" in msg
     assert "wav2vec2-large-xlsr-53-english/ (folder)" in msg.split("missing or invalid:")[1]
     assert "Wan2.1_VAE.pth" not in msg.split("missing or invalid:")[1]
     _touch(root, "wav2vec2-large-xlsr-53-english/config.json")
-    paths = ck.check_layout(root, "s2v-14b")
-    assert paths["wav2vec"] == root / "wav2vec2-large-xlsr-53-english" and paths[ck.SINGLE_EXPERT] == root
+    paths = layouts.check_layout(root, "s2v-14b")
+    assert paths["wav2vec"] == root / "wav2vec2-large-xlsr-53-english" and paths[layouts.SINGLE_EXPERT] == root
 
     a14b = tmp_path / "Wan2.2-T2V-A14B"
     _tiny_dit_folder(a14b / "high_noise_model", tiny_cfg)
     with pytest.raises(ValueError) as e:
-        ck.check_layout(a14b, "t2v-A14B")
+        layouts.check_layout(a14b, "t2v-A14B")
     missing = str(e.value).split("missing or invalid:")[1]
     for need in ("low_noise_model/config.json", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/ (folder)",
                  "Wan2.1_VAE.pth"):
         assert need in missing
     assert "high_noise_model" not in missing
     with pytest.raises(ValueError, match="unknown task 'x2v'; known: t2v-a14b"):
-        ck.check_layout(a14b, "x2v")
+        layouts.check_layout(a14b, "x2v")
 
 
 # ------------------------------------------------------------------------------------------ malformed files
@@ -481,9 +482,10 @@ def test_garbage_header_and_bad_total_size(tmp_path: Path, tiny_model: DiT) -> N
 
 
 def test_layout_needs() -> None:
-    small = ck.layout_needs(ck.SMALL_LAYOUT, ("high", "low"))
-    assert [n.path for n in small] == ["high_noise_model", "low_noise_model", ck.SMALL_VAE_NAME, ck.BYTE_TEXT_NAME]
-    assert [n.path for n in ck.layout_needs(ck.SMALL_LAYOUT, ("low",))][0] == ""
-    assert ck.layout_needs("S2V-14B") is ck.TASK_LAYOUTS["s2v-14b"]
+    small = layouts.layout_needs(layouts.SMALL_LAYOUT, ("high", "low"))
+    want = ["high_noise_model", "low_noise_model", layouts.SMALL_VAE_NAME, layouts.BYTE_TEXT_NAME]
+    assert [n.path for n in small] == want
+    assert [n.path for n in layouts.layout_needs(layouts.SMALL_LAYOUT, ("low",))][0] == ""
+    assert layouts.layout_needs("S2V-14B") is layouts.TASK_LAYOUTS["s2v-14b"]
     with pytest.raises(ValueError, match="unknown checkpoint layout 'ti2v-5b'"):
-        ck.layout_needs("ti2v-5b")
+        layouts.layout_needs("ti2v-5b")

@@ -27,7 +27,7 @@ IGNORED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", 
 
 # Names the docs use for files that live in a user's checkpoint folder or machine, never in this repository.
 ALLOWED = {
-    # official checkpoint layout (docs/api.md, wanmoe.checkpoint.TASK_LAYOUTS): the index of a sharded DiT,
+    # official checkpoint layout (docs/api.md, wanmoe.layouts.TASK_LAYOUTS): the index of a sharded DiT,
     # the shard-name pattern, the checksum lists of a download and the Hugging Face cache folder.
     "diffusion_pytorch_model.safetensors.index.json": "index file of a sharded official DiT checkpoint",
     "diffusion_pytorch_model-0000i-of-0000n.safetensors": "shard-name pattern of an official DiT checkpoint",

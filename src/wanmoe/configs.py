@@ -74,7 +74,7 @@ class PipelineConfig:
     embedded: bool = False  # weights ship inside the package (src/wanmoe/assets/<task>)
     motion_scale: float = 1.0  # s2v audio guidance default (1 = plain conditioning); --motion_scale overrides it
     clip_context: str = "frames"  # s2v: what a clip after the first starts from (request.CLIP_CONTEXTS)
-    # Checkpoint layout: a key of checkpoint.TASK_LAYOUTS (official trees), or "small" (wanmoe's own small models:
+    # Checkpoint layout: a key of layouts.TASK_LAYOUTS (official trees), or "small" (wanmoe's own small models:
     # DiT folders + vae.safetensors + byte_text_encoder.safetensors).
     layout: str = "small"
     distilled: Distilled | None = None  # a shipped few-step option (embedded models only)

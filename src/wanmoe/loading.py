@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from wanmoe import checkpoint as ck
-from wanmoe import numerics
+from wanmoe import layouts, numerics
 from wanmoe.configs import ASSETS, PRESETS, PipelineConfig
 from wanmoe.distributed.env import ParallelState
 from wanmoe.memory.offload import ExpertPool, policy_from_flags
@@ -54,12 +54,12 @@ def ckpt_root(cfg: PipelineConfig, ckpt_dir: str | None) -> Path:
 
 def expert_folders(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
     """Task expert name -> DiT folder; a single-DiT checkpoint serves a one-expert task."""
-    found = ck.find_experts(root)
-    if list(found) == [ck.SINGLE_EXPERT]:
+    found = layouts.find_experts(root)
+    if list(found) == [layouts.SINGLE_EXPERT]:
         if len(cfg.experts) != 1:
             raise ValueError(f"{root} holds a single DiT but {cfg.task} needs experts {cfg.experts} "
                              f"(folders high_noise_model/ and low_noise_model/)")
-        return {cfg.experts[0]: found[ck.SINGLE_EXPERT]}
+        return {cfg.experts[0]: found[layouts.SINGLE_EXPERT]}
     if tuple(found) != tuple(cfg.experts):
         raise ValueError(f"{root} holds experts {tuple(found)} but {cfg.task} needs {cfg.experts}")
     return found
@@ -70,7 +70,7 @@ def check_small_layout(cfg: PipelineConfig, root: Path) -> None:
 
     The experts load lazily (on first use), so a missing weight file would otherwise surface mid-generation.
     """
-    dits = [""] if len(cfg.experts) == 1 else [dict(ck.EXPERT_FOLDERS)[n] for n in cfg.experts]
+    dits = [""] if len(cfg.experts) == 1 else [dict(layouts.EXPERT_FOLDERS)[n] for n in cfg.experts]
     expected = [f"{d + '/' if d else ''}{ck.CONFIG_NAME} + {ck.WEIGHTS_NAME} (or shards + {ck.INDEX_NAME})"
                 for d in dits] + [f"{VAE_SAFETENSORS} (VAE)", f"{BYTE_TEXT} (text encoder)"]
     problems = []
@@ -221,7 +221,7 @@ def detect_task(root: Path) -> PipelineConfig:
     if not root.is_dir():
         raise InputError("ckpt_dir", f"{root} is not a folder")
     try:
-        folders = ck.find_experts(root)
+        folders = layouts.find_experts(root)
         dit = ck.read_dit_config(next(iter(folders.values())))
     except ValueError as e:
         raise InputError("ckpt_dir", f"{root} holds no readable DiT: {e}") from None
@@ -232,7 +232,7 @@ def detect_task(root: Path) -> PipelineConfig:
             continue
         if _shape_key(dit) != _shape_key(cfg.dit):
             continue
-        if list(folders) == [ck.SINGLE_EXPERT]:
+        if list(folders) == [layouts.SINGLE_EXPERT]:
             found.append(cfg.single_expert())
         elif tuple(folders) == cfg.experts:
             found.append(cfg)
@@ -253,7 +253,7 @@ def load_components(cfg: PipelineConfig, opts: LoadOptions, parallel: ParallelSt
     if cfg.layout == "small":
         check_small_layout(cfg, root)
     else:
-        ck.check_layout(root, cfg.layout)
+        layouts.check_layout(root, cfg.layout)
     # The cheap part of `wanmoe verify`: every header, index, config field and tensor shape the task reads, so a
     # malformed or truncated file is found now, not when a lazily loaded expert is first used mid-sampling.
     problems = cheap_check(root, cfg)
@@ -326,7 +326,7 @@ def save_small_model(root: Path, cfg: PipelineConfig, experts: dict[str, torch.n
     root.mkdir(parents=True, exist_ok=True)
     single = len(cfg.experts) == 1
     for name, model in experts.items():
-        folder = root if single else root / dict(ck.EXPERT_FOLDERS)[name]
+        folder = root if single else root / dict(layouts.EXPERT_FOLDERS)[name]
         if dit_dtype is not None:
             model = _cast_copy(model, dit_dtype)
         ck.save_dit(model, folder, max_shard_size=None, overwrite=True)

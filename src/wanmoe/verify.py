@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from wanmoe import checkpoint as ck
+from wanmoe import layouts
 from wanmoe.configs import PRESETS, PipelineConfig
 from wanmoe.encoders.text import ByteTextEncoder
 from wanmoe.models.dit import DiT, DiTConfig
@@ -398,16 +399,16 @@ def _check_dit(c: _Checker, folder: Path, cfg: PipelineConfig, small: bool) -> N
 # ---------------------------------------------------------------------------------------------- the task's tree
 
 
-def _needs(cfg: PipelineConfig) -> tuple[ck.Need, ...]:
+def _needs(cfg: PipelineConfig) -> tuple[layouts.Need, ...]:
     layout = getattr(cfg, "layout", None) or cfg.task.lower()
     if cfg.text_encoder == "byte":
-        layout = ck.SMALL_LAYOUT
-    return ck.layout_needs(layout, cfg.experts)
+        layout = layouts.SMALL_LAYOUT
+    return layouts.layout_needs(layout, cfg.experts)
 
 
 def _for_folder(root: Path, cfg: PipelineConfig) -> PipelineConfig:
     """A single-DiT folder of a two-expert task holds that task served by one expert (a dense baseline)."""
-    single = (root / ck.CONFIG_NAME).is_file() and not any((root / d).is_dir() for _, d in ck.EXPERT_FOLDERS)
+    single = (root / ck.CONFIG_NAME).is_file() and not any((root / d).is_dir() for _, d in layouts.EXPERT_FOLDERS)
     if single and len(cfg.experts) > 1 and hasattr(cfg, "single_expert"):
         return cfg.single_expert()
     return cfg
@@ -461,7 +462,7 @@ def _check_pth(c: _Checker, path: Path) -> None:
 
 
 def _check_small_files(c: _Checker, cfg: PipelineConfig) -> None:
-    vae = c.root / ck.SMALL_VAE_NAME
+    vae = c.root / layouts.SMALL_VAE_NAME
     h = c.header(vae) if vae.is_file() else Header()
     if h.parsed:
         try:
@@ -473,7 +474,7 @@ def _check_small_files(c: _Checker, cfg: PipelineConfig) -> None:
             shapes = {k: e.shape for k, e in h.tensors.items()}
             c.compare(vae, shapes, ("vae", json.dumps(d, sort_keys=True)), lambda: WanVAE(vcfg),
                       "its metadata config describes")
-    text = c.root / ck.BYTE_TEXT_NAME
+    text = c.root / layouts.BYTE_TEXT_NAME
     h = c.header(text) if text.is_file() else Header()
     if h.parsed and cfg.byte_text is not None:
         shapes = {k: e.shape for k, e in h.tensors.items()}

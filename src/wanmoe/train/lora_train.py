@@ -172,8 +172,9 @@ def attribute_clips(seeds: Sequence[int], *, color: str, frames: int, size: int,
 def base_expert(cfg: PipelineConfig, root: Path, expert: str) -> nn.Module:
     """The shipped expert in fp32, frozen."""
     from wanmoe import checkpoint as ck
+    from wanmoe import layouts
 
-    folder = root / dict(ck.EXPERT_FOLDERS)[expert]
+    folder = root / dict(layouts.EXPERT_FOLDERS)[expert]
     return ck.load_dit(folder, dtype=torch.float32, cfg=cfg.dit).eval().requires_grad_(False)
 
 
