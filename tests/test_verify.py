@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 import wanmoe
 from wanmoe import checkpoint as ck
 from wanmoe.configs import PRESETS
-from wanmoe.verify import cheap_check, main, read_safetensors_header, verify_checkpoint
+from wanmoe.st_header import read_safetensors_header
+from wanmoe.verify import cheap_check, main, verify_checkpoint
 
 MINI = Path(wanmoe.__file__).parent / "assets" / "s2v-mini"
 TASK = "t2v-tiny"

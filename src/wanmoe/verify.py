@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -37,18 +36,10 @@ from wanmoe.encoders.text import ByteTextEncoder
 from wanmoe.models.dit import DiT, DiTConfig
 from wanmoe.models.state_check import first_items, mismatch_report
 from wanmoe.models.vae import VAEConfig, WanVAE
+from wanmoe.st_header import Header, is_int, plural, read_safetensors_header, short_json
 
-__all__ = ["VerifyReport", "Header", "TensorEntry", "read_safetensors_header", "verify_checkpoint", "cheap_check",
-           "main"]
+__all__ = ["VerifyReport", "verify_checkpoint", "cheap_check", "main"]
 
-# Bits per element of every dtype the safetensors format names (F4 and the F6 types are packed sub-byte types).
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
-    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound on the JSON header
-MAX_LISTED_PROBLEMS = 8  # per file: a header with 1000 bad entries gets 8 lines and a count
 CHUNK = 8 << 20  # bytes hashed per read
 # config.json fields that identify a task's DiT, compared when inferring the task from a folder.
 IDENTITY_FIELDS = ("model_type", "in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers")
@@ -67,138 +58,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-# ---------------------------------------------------------------------------------------------- safetensors header
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    dtype: object  # the header's value, a DTYPE_BITS key when valid
-    shape: tuple[int, ...] | None  # None when the header's shape is malformed
-    offsets: tuple[int, int] | None  # (begin, end) in the data section; None when malformed
-
-    @property
-    def nbytes(self) -> int:
-        return self.offsets[1] - self.offsets[0] if self.offsets else 0
-
-
-@dataclass
-class Header:
-    """One parsed safetensors header. `parsed`: the JSON was read, so `tensors` names every key of the file."""
-
-    tensors: dict[str, TensorEntry] = field(default_factory=dict)
-    metadata: dict[str, str] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    parsed: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _n(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _short(v: object, n: int = 60) -> str:
-    s = json.dumps(v)
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def read_safetensors_header(path: Path) -> Header:
-    """Parse and check a safetensors header without reading tensor data; problems are listed, never raised."""
-    h = Header()
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                h.problems.append(f"truncated: {size} bytes, shorter than the 8-byte header length")
-                return h
-            n = int.from_bytes(head, "little")
-            if n > MAX_HEADER_BYTES:
-                h.problems.append(f"header length {n} exceeds {MAX_HEADER_BYTES} bytes: not a safetensors file")
-                return h
-            if 8 + n > size:
-                h.problems.append(f"header length {n} runs past the end of the file ({size} bytes): truncated or "
-                                  "not a safetensors file")
-                return h
-            text = f.read(n)
-    except OSError as e:
-        h.problems.append(f"cannot read: {e.strerror or e}")
-        return h
-    try:
-        raw = json.loads(text.decode("utf-8"))
-    except UnicodeDecodeError:
-        h.problems.append("header is not UTF-8 text: not a safetensors file, or a corrupt one")
-        return h
-    except (json.JSONDecodeError, RecursionError) as e:
-        h.problems.append(f"header is not valid JSON ({str(e)[:80]}): corrupt file")
-        return h
-    if not isinstance(raw, dict):
-        h.problems.append(f"header must be a JSON object, got {type(raw).__name__}")
-        return h
-    meta = raw.pop("__metadata__", {})
-    if isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values()):
-        h.metadata = meta
-    else:
-        h.problems.append("__metadata__ must map strings to strings")
-    h.parsed = True
-    bad = []
-    for name, info in raw.items():
-        entry, why = _tensor_entry(info)
-        h.tensors[name] = entry
-        if why:
-            bad.append(f"tensor {name}: {why}")
-    _check_offsets(h, size - 8 - n, bad)
-    h.problems += bad[:MAX_LISTED_PROBLEMS]
-    if len(bad) > MAX_LISTED_PROBLEMS:
-        h.problems.append(f"... and {len(bad) - MAX_LISTED_PROBLEMS} more malformed header entries")
-    return h
-
-
-def _tensor_entry(info: object) -> tuple[TensorEntry, str | None]:
-    if not isinstance(info, dict):
-        return TensorEntry(None, None, None), "entry must be an object with dtype, shape and data_offsets"
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    shape_ok = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
-    offsets_ok = (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
-                  and offsets[0] <= offsets[1])
-    entry = TensorEntry(dtype, tuple(shape) if shape_ok else None, tuple(offsets) if offsets_ok else None)
-    if dtype not in DTYPE_BITS:
-        return entry, f"unknown dtype {_short(dtype)} (known: {', '.join(DTYPE_BITS)})"
-    if not shape_ok:
-        return entry, f"shape {_short(shape)} is not a list of non-negative integers"
-    if not offsets_ok:
-        return entry, f"data_offsets {_short(offsets)} is not a [begin, end] pair of integers with begin <= end"
-    bits = math.prod(shape) * DTYPE_BITS[dtype]
-    if bits != 8 * entry.nbytes:
-        return entry, f"data_offsets span {entry.nbytes} bytes but {dtype} {list(shape)} needs {bits / 8:g}"
-    return entry, None
-
-
-def _check_offsets(h: Header, data_len: int, bad: list[str]) -> None:
-    """Tensors must tile the data section exactly, as the safetensors library requires."""
-    spans = sorted((e.offsets, k) for k, e in h.tensors.items() if e.offsets is not None)
-    need = max((end for (_, end), _ in spans), default=0)
-    if need > data_len:
-        h.problems.append(f"truncated: the header describes {need} bytes of tensor data, the file holds {data_len}")
-        return  # every later offset check would only repeat this
-    if need < data_len:
-        h.problems.append(f"{data_len - need} bytes after the last tensor (the safetensors library refuses this)")
-    prev_end, prev = 0, None
-    for (begin, end), name in spans:
-        if begin < prev_end:
-            bad.append(f"tensor {name}: data overlaps tensor {prev}")
-        elif begin > prev_end:
-            bad.append(f"tensor {name}: {begin - prev_end} bytes of gap before it (tensors must be contiguous)")
-        if end >= prev_end:
-            prev_end, prev = end, name
 
 
 # ---------------------------------------------------------------------------------------------- the checker
@@ -233,7 +92,8 @@ class _Checker:
             for p in h.problems:
                 self.problem(path, p)
             if not h.problems:
-                self.checked.append(f"{self.rel(path)}: header OK ({_n(len(h.tensors), 'tensor')}, {h.nbytes:,} bytes)")
+                count = plural(len(h.tensors), "tensor")
+                self.checked.append(f"{self.rel(path)}: header OK ({count}, {h.nbytes:,} bytes)")
         return self.headers[path]
 
     def model_shapes(self, key: object, build: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]]:
@@ -257,7 +117,7 @@ class _Checker:
         for line in lines:
             self.problem(what, f"tensors do not match the model {model_desc}: {line}")
         if not lines:
-            self.checked.append(f"{self.rel(what)}: {_n(len(got), 'tensor shape')} match the model {model_desc}")
+            self.checked.append(f"{self.rel(what)}: {plural(len(got), 'tensor shape')} match the model {model_desc}")
 
 
 # ---------------------------------------------------------------------------------------------- DiT folders
@@ -354,7 +214,7 @@ def _check_index(c: _Checker, folder: Path, index: Path, strays: list[Path]) -> 
         why = ck.shard_name_problem(folder, name)
         shard = folder / name
         if why or not shard.is_file():
-            c.problem(index, why or f"names shard {name}, which is missing ({_n(len(keys), 'tensor')})")
+            c.problem(index, why or f"names shard {name}, which is missing ({plural(len(keys), 'tensor')})")
             complete = False
             continue
         h = c.header(shard)
@@ -363,9 +223,9 @@ def _check_index(c: _Checker, folder: Path, index: Path, strays: list[Path]) -> 
             continue
         lacks, extra = set(keys) - h.tensors.keys(), h.tensors.keys() - set(keys)
         if lacks:
-            c.problem(shard, f"lacks {_n(len(lacks), 'tensor')} the index assigns to it: {first_items(lacks, 5)}")
+            c.problem(shard, f"lacks {plural(len(lacks), 'tensor')} the index assigns to it: {first_items(lacks, 5)}")
         if extra:
-            c.problem(shard, f"holds {_n(len(extra), 'tensor')} the index does not assign to it: "
+            c.problem(shard, f"holds {plural(len(extra), 'tensor')} the index does not assign to it: "
                              f"{first_items(extra, 5)}")
         shapes.update({k: e.shape for k, e in h.tensors.items()})
         total += h.nbytes
@@ -375,12 +235,12 @@ def _check_index(c: _Checker, folder: Path, index: Path, strays: list[Path]) -> 
     meta = raw.get("metadata", {})
     size = meta.get("total_size") if isinstance(meta, dict) else None
     if not isinstance(meta, dict):
-        c.problem(index, f"metadata must be an object, got {_short(meta)}")
-    elif size is not None and not _is_int(size):
-        c.problem(index, f"metadata.total_size must be an integer, got {_short(size)}")
+        c.problem(index, f"metadata must be an object, got {short_json(meta)}")
+    elif size is not None and not is_int(size):
+        c.problem(index, f"metadata.total_size must be an integer, got {short_json(size)}")
     elif size is not None and complete and size != total:
         c.problem(index, f"metadata.total_size {size:,} differs from the {total:,} bytes of tensor data in the shards")
-    c.checked.append(f"{c.rel(index)}: {_n(len(wm), 'tensor')} in {_n(len(names), 'shard')}")
+    c.checked.append(f"{c.rel(index)}: {plural(len(wm), 'tensor')} in {plural(len(names), 'shard')}")
     return (index, shapes) if complete else None
 
 
@@ -689,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.ok:
         print(f"{args.ckpt_dir}: OK{task} ({len(report.checked)} checks)")
         return 0
-    print(f"{args.ckpt_dir}: {_n(len(report.problems), 'problem')}{task}")
+    print(f"{args.ckpt_dir}: {plural(len(report.problems), 'problem')}{task}")
     return 1
 
 
