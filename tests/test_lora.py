@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from wanmoe import lora as lo
+from wanmoe import lora_stack
 from wanmoe.models.dit import DIT_PRESETS, DiT
 from wanmoe.request import InputError
 
@@ -410,7 +411,7 @@ def test_lora_spec_parses(spec, want, tmp_path):
     save_file({"a": torch.zeros(1)}, str(f))
     save_file({"a": torch.zeros(1)}, str(tmp_path / "a:b@c" / "x.safetensors"))
     fill = {"f": str(f), "d": str(tmp_path)}
-    got = lo.parse_spec(spec.format(**fill), ("high", "low"))
+    got = lora_stack.parse_spec(spec.format(**fill), ("high", "low"))
     assert (got.path, got.scale, got.experts) == (want[0].format(**fill), want[1], want[2])
 
 
@@ -505,4 +506,4 @@ def test_the_shipped_lora_fits_the_embedded_model():
 
     f = ASSETS / "loras" / "s2v-mini_green_high.safetensors"
     assert lo.check_lora_file(f, PRESETS["s2v-mini"].dit) == []
-    assert lo.parse_spec(f"{f}@high", PRESETS["s2v-mini"].experts).experts == ("high",)
+    assert lora_stack.parse_spec(f"{f}@high", PRESETS["s2v-mini"].experts).experts == ("high",)

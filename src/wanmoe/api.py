@@ -193,8 +193,8 @@ class Pipeline:
         stack = getattr(self.components.experts, "transform", None)
         return stack.describe() if hasattr(stack, "describe") else []
 
-    def _lora_stack(self):  # noqa: ANN202 (a wanmoe.lora.LoraStack, installed as the pool's transform)
-        from wanmoe.lora import LoraStack
+    def _lora_stack(self):  # noqa: ANN202 (a wanmoe.lora_stack.LoraStack, installed as the pool's transform)
+        from wanmoe.lora_stack import LoraStack
 
         pool = self.components.experts
         if not isinstance(pool.transform, LoraStack):

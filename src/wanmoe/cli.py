@@ -26,7 +26,7 @@ from wanmoe.distributed.env import ParallelState, broadcast_seed, destroy_parall
 from wanmoe.experts import format_table, schedule_table
 from wanmoe.inputs import read_inputs
 from wanmoe.loading import load_components
-from wanmoe.lora import check_spec, parse_spec
+from wanmoe.lora_stack import check_spec, parse_spec
 from wanmoe.pipeline import Progress
 from wanmoe.request import InputError, make_options, make_request
 from wanmoe.sampling.cache import CALIBRATION_FILE

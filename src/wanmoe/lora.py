@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SUFFIXES", "PREFIXES", "DIFFUSERS_NAMES", "MODES", "Target", "Delta", "LoRA", "Applied", "LoraSpec",
-           "LoraStack", "model_targets", "alias_table", "resolve_key", "read_lora", "check_lora_file", "apply_lora",
-           "save_lora", "parse_spec", "check_spec"]
+__all__ = ["SUFFIXES", "PREFIXES", "DIFFUSERS_NAMES", "MODES", "Target", "Delta", "LoRA", "Applied",
+           "model_targets", "alias_table", "resolve_key", "read_lora", "check_lora_file", "apply_lora", "save_lora",
+           "structure_of", "check_path"]
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _header(path: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def _check_path(path: str | os.PathLike) -> Path:
+def check_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
         raise ValueError(f"{p}: LoRAs are read from .safetensors files only (pickled .pt/.ckpt/.bin files can run "
@@ -274,7 +274,7 @@ def _few(items: Sequence[str], n: int = 12) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def _structure(model_or_cfg: nn.Module | object) -> nn.Module:
+def structure_of(model_or_cfg: nn.Module | object) -> nn.Module:
     if isinstance(model_or_cfg, nn.Module):
         return model_or_cfg
     from wanmoe.models.dit import DiT
@@ -285,7 +285,7 @@ def _structure(model_or_cfg: nn.Module | object) -> nn.Module:
 
 def _mapped(path: str | os.PathLike, structure: nn.Module, skip_wan21_image: bool):  # noqa: ANN202
     """Header-only: (the file, its targets, key -> (path, role), skipped Wan2.1 image keys); raises on problems."""
-    p = _check_path(path)
+    p = check_path(path)
     targets = model_targets(structure)
     shapes = _header(p)
     plan, image = _plan(shapes, targets, skip_wan21_image=skip_wan21_image, source=str(p))
@@ -297,7 +297,7 @@ def check_lora_file(path: str | os.PathLike, model_or_cfg: nn.Module | object, *
                     skip_wan21_image: bool = False) -> list[str]:
     """Header-only check (no tensor is read) that a file loads onto this model: every key maps to a target and
     every shape fits. Returns the Wan2.1 image keys that would be skipped; raises ValueError listing problems."""
-    return _mapped(path, _structure(model_or_cfg), skip_wan21_image)[3]
+    return _mapped(path, structure_of(model_or_cfg), skip_wan21_image)[3]
 
 
 def _assemble(plan: Mapping[str, tuple[str, str]], tensors: Mapping[str, Tensor]) -> dict[str, Delta]:
@@ -328,7 +328,7 @@ def read_lora(path: str | os.PathLike, model_or_cfg: nn.Module | object, *, skip
     """
     from safetensors.torch import load_file
 
-    p, _, plan, image = _mapped(path, _structure(model_or_cfg), skip_wan21_image)
+    p, _, plan, image = _mapped(path, structure_of(model_or_cfg), skip_wan21_image)
     tensors = load_file(str(p), device="cpu")
     bad = [k for k in plan if not torch.isfinite(tensors[k].float()).all()]
     if bad:
@@ -466,128 +466,3 @@ def save_lora(path: str | os.PathLike, factors: Mapping[str, tuple[Tensor, Tenso
     save_file(sd, str(tmp), metadata=dict(metadata or {}))
     os.replace(tmp, path)
     return path
-
-
-# ------------------------------------------------------------------------------------------- pipelines
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One `--lora PATH[:SCALE][@EXPERT[,EXPERT]]`: experts None means all of them."""
-
-    path: str
-    scale: float = 1.0
-    experts: tuple[str, ...] | None = None
-
-
-def parse_spec(spec: str, experts: Sequence[str]) -> LoraSpec:
-    """`PATH[:SCALE][@EXPERT]` -> LoraSpec, the file checked to exist; ValueError says what is wrong.
-
-    `@` and `:` are read from the right, and only when what follows them is an expert list / a number, so a path
-    with either character in it still works (`C:/loras/x.safetensors`)."""
-    from wanmoe.request import InputError
-
-    rest, names = spec, None
-    head, at, tail = spec.rpartition("@")
-    if at and head and tail and not re.search(r"[/\\]|\.safetensors$", tail):
-        rest, names = head, tuple(n.strip() for n in tail.split(","))
-        bad = [n for n in names if n not in experts]
-        if bad:
-            raise InputError("lora", f"{spec!r}: expert {', '.join(bad)} is not one of this task's experts "
-                                     f"({', '.join(experts)})")
-    scale = 1.0
-    head, colon, tail = rest.rpartition(":")
-    if colon and head and not re.search(r"[/\\]|\.safetensors$", tail):
-        try:
-            scale = float(tail)
-        except ValueError:
-            raise InputError("lora", f"{spec!r}: scale {tail!r} is not a number (PATH[:SCALE][@EXPERT])") from None
-        rest = head
-    if not math.isfinite(scale) or abs(scale) > 100:
-        raise InputError("lora", f"{spec!r}: scale must be a finite number in [-100, 100], got {scale}")
-    try:
-        _check_path(rest)
-    except ValueError as e:
-        raise InputError("lora", str(e)) from None
-    return LoraSpec(rest, scale, names)
-
-
-@dataclass
-class _Entry:
-    lora: LoRA
-    scales: dict[str, float]
-    mode: str
-
-
-class LoraStack:
-    """The LoRAs of a pipeline's experts, applied by the `ExpertPool` to each expert after every (re)load.
-
-    Install with `pool.transform = stack`; `load`/`unload` drop the experts they change from the pool (waiting for
-    a background load), so the next use reloads them from their files with the current LoRAs applied.
-    """
-
-    def __init__(self, pool: object, structure: nn.Module | object) -> None:
-        self.pool, self.structure = pool, _structure(structure)
-        self.entries: list[_Entry] = []
-
-    def __call__(self, name: str, model: nn.Module) -> nn.Module:
-        for e in self.entries:
-            if name in e.scales:
-                apply_lora(model, e.lora, e.scales[name], mode=e.mode, keep_original=False)
-        return model
-
-    def load(self, path: str | os.PathLike, scale: float | Mapping[str, float] = 1.0,
-             experts: str | Sequence[str] | None = None, *, mode: str = "auto", skip_wan21_image: bool = False) -> None:
-        from wanmoe.request import InputError
-
-        names: tuple[str, ...] = tuple(self.pool.names)  # type: ignore[attr-defined]
-        chosen = names if experts is None else (experts,) if isinstance(experts, str) else tuple(experts)
-        bad = [n for n in chosen if n not in names]
-        if bad or not chosen:
-            raise InputError("lora", f"experts {list(chosen)}: choose among {', '.join(names)} (None: all)")
-        scales = {n: float(scale[n] if isinstance(scale, Mapping) else scale) for n in chosen
-                  if not isinstance(scale, Mapping) or n in scale}
-        if isinstance(scale, Mapping) and set(scale) - set(chosen):
-            raise InputError("lora", f"scale given for {sorted(set(scale) - set(chosen))}, not among {list(chosen)}")
-        if any(not math.isfinite(s) for s in scales.values()):
-            raise InputError("lora", f"scale must be finite, got {scales}")
-        if mode not in MODES:
-            raise InputError("lora", f"mode {mode!r}: choose one of {MODES}")
-        try:
-            lora = read_lora(path, self.structure, skip_wan21_image=skip_wan21_image)
-        except ValueError as e:
-            raise InputError("lora", str(e)) from None
-        self.entries.append(_Entry(lora, scales, mode))
-        self._reload(scales)
-
-    def unload(self, path: str | os.PathLike | None = None) -> None:
-        """Remove one LoRA (every entry of that file) or all of them; the experts they touched reload exactly."""
-        from wanmoe.request import InputError
-
-        gone = [e for e in self.entries if path is None or Path(e.lora.source).resolve() == Path(path).resolve()]
-        if path is not None and not gone:
-            raise InputError("lora", f"{path} is not loaded; loaded: {[e.lora.source for e in self.entries]}")
-        self.entries = [e for e in self.entries if e not in gone]
-        self._reload({n for e in gone for n in e.scales})
-
-    def _reload(self, names: Iterable[str]) -> None:
-        for n in set(names):
-            self.pool.release(n)  # type: ignore[attr-defined]
-
-    def describe(self) -> list[dict]:
-        """For the sidecar: each LoRA's file, per-expert scale and mode, in the order applied."""
-        return [{"path": e.lora.source, "scale": dict(e.scales), "mode": e.mode} for e in self.entries]
-
-
-
-def check_spec(spec: str, experts: Sequence[str], dit_cfg: object) -> LoraSpec:
-    """`parse_spec`, then the file's keys and shapes against the task's DiT (header only): what the command line
-    checks before any weights load. Raises InputError("lora", ...)."""
-    from wanmoe.request import InputError
-
-    s = parse_spec(spec, experts)
-    try:
-        check_lora_file(s.path, dit_cfg)
-    except ValueError as e:
-        raise InputError("lora", str(e)) from None
-    return s

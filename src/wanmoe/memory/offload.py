@@ -19,7 +19,7 @@ current expert computes; on CUDA, `prefetch(name, to_device=True)` also starts t
 side stream (only sensible when the device has room for both experts; ignored under 'stream').
 
 `transform(name, module) -> module`, when set, runs on every expert right after its loader (each reload under
-'free' included): what must survive a reload, such as LoRAs (`wanmoe.lora.LoraStack`), is applied there.
+'free' included): what must survive a reload, such as LoRAs (`wanmoe.lora_stack.LoraStack`), is applied there.
 
 The module is expert-agnostic: it works on any `nn.Module` and never imports the models. No tensor axes
 are manipulated here (no axis legend needed).
