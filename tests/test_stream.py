@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from wanmoe.memory.offload import POLICIES, ExpertPool
-from wanmoe.memory.quantize import Int8Linear, quantize_
+from wanmoe.memory.quantize import QuantLinear, quantize_
 from wanmoe.memory.stream import ResidentBytes, block_bytes, stream_
 from wanmoe.models.dit import DIT_PRESETS, DiT, S2VInputs
 
@@ -127,13 +127,14 @@ def test_blocks_hold_device_copies_only_in_their_window():
         assert live == min(ahead, LAYERS - i) * bb
 
 
-def test_int8_blocks_stream_their_buffers():
-    model = quantize_(tiny_dit("s2v-14b-tiny"))
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_8bit_blocks_stream_their_buffers(mode):
+    model = quantize_(tiny_dit("s2v-14b-tiny"), mode)
     args, kw = inputs(model)
     with torch.no_grad():
         ref = model(*args, **kw)
     q = model.blocks[2].ffn[0]
-    assert isinstance(q, Int8Linear)
+    assert isinstance(q, QuantLinear) and q.mode == mode
     host = q.qweight.data_ptr()
     tracker = ResidentBytes()
     ptrs = []
@@ -142,9 +143,9 @@ def test_int8_blocks_stream_their_buffers():
     with torch.no_grad():
         out = model(*args, **kw)
     handle.remove()
-    assert torch.equal(out, ref)  # same int8 values, same kernels: equal, not only within the int8 tolerance
+    assert torch.equal(out, ref)  # same 8-bit values, same kernels: equal, not only within the 8-bit tolerance
     assert ptrs and ptrs[0] != host and q.qweight.data_ptr() == host
-    assert tracker.copied == sum(block_bytes(b) for b in model.blocks)  # int8 bytes + scales, not float weights
+    assert tracker.copied == sum(block_bytes(b) for b in model.blocks)  # 8-bit bytes + scales, not float weights
     assert block_bytes(model.blocks[0]) < block_bytes(tiny_dit("s2v-14b-tiny").blocks[0]) / 2
 
 
@@ -230,12 +231,13 @@ def denoise(pool: ExpertPool, cfg) -> torch.Tensor:  # noqa: ANN001
     return x
 
 
-@pytest.mark.parametrize(("int8", "staging"), [(False, 0), (True, 0), (True, 2)])
-def test_pool_stream_switches_experts_like_resident(expert_files, int8, staging):
+@pytest.mark.parametrize(("quant", "staging"), [(None, 0), ("int8", 0), ("int8", 2), ("fp8", 2)])
+def test_pool_stream_switches_experts_like_resident(expert_files, quant, staging):
     from wanmoe.checkpoint import load_dit
 
     root, cfg = expert_files
-    loaders = {n: (lambda n=n: quantize_(load_dit(root / n)) if int8 else load_dit(root / n)) for n in ("high", "low")}
+    loaders = {n: (lambda n=n: quantize_(load_dit(root / n), quant) if quant else load_dit(root / n))
+               for n in ("high", "low")}
     with ExpertPool(loaders, "cpu", "resident") as pool:
         ref = denoise(pool, cfg)
     assert "stream" in POLICIES

@@ -394,7 +394,7 @@ def make_options(
     quant = check_quant(quant, tuple(cfg.experts), bool(int8))
     int8 = quant == "int8"
     if int8_activations and "int8" not in quant_modes(quant).values():
-        raise InputError("int8_activations", "needs int8 (the weights int8 too): give both")
+        raise InputError("int8_activations", "needs int8 weights on some expert (int8, or quant with int8): give both")
     if stream_staging and vram_gb is None:
         raise InputError("stream_staging", "applies to the stream policies, which vram_gb chooses: give vram_gb too")
     if world == 1:
