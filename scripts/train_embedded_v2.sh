@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # s2v-mini v2, stage 1: a new VAE (latent 32 channels, same widths as the shipped one) on fresh clips; docs/vae_v2.md
 # has the measurements behind every choice here. The shipped model (scripts/train_embedded.sh) is untouched: its
-# experts would need retraining on this VAE's latent space (the next stage, not yet in this script).
+# experts need retraining on this VAE's latent space (stage 2 at the end, STAGE2=1; written, not yet run).
 #
 # These are the commands that were run, on a shared 2-core CPU, one thread each and niced. Every stage is
 # resumable: run the script again and each stage continues from its checkpoint (the clip files are only rendered
@@ -54,4 +54,36 @@ if [ -f "$OUT/final_run/vae/vae.safetensors" ] && [ ! -f "$OUT/final/vae.safeten
   mkdir -p "$OUT/final"
   cp "$OUT/final_run/vae/vae.safetensors" "$OUT/final_run/vae/config.json" "$OUT/final/"
   python benchmarks/vae_recon.py --vae "$OUT/final/vae.safetensors" --n 6 --threads 1
+fi
+
+# Stage 2 (STAGE2=1; written, not yet run): the experts on this VAE. Its latent has 32 channels; the DiTs follow it
+# by themselves (`wanmoe train expert` reads the width from the latents, `export` from the VAE file, and
+# `wanmoe.load(folder)` from the folder), and `--init` widens the shipped 16-channel experts to 32
+# (`train.loop.widen_dit_latent`: the new channels start at zero weight, so step 0 computes what round 6 did on the
+# old channels). Same clips and recipe as round 6 (scripts/train_continuation.sh), more steps.
+if [ "${STAGE2:-0}" = 1 ]; then
+  V2=${V2:-train_state/vae_v2.safetensors}
+  S2=$OUT/stage2
+  for d in "$S2" "$S2/proc" "$S2/speech"; do
+    mkdir -p "$d/vae" && ln -sfn "$(realpath "$V2")" "$d/vae/vae.safetensors"
+  done
+  [ -f "$S2/proc/clips.pt" ] || train clips --out "$S2/proc" --n 400 --start 2000 --continuation --threads 1 --quiet
+  [ -f "$S2/speech/clips.pt" ] || train clips --out "$S2/speech" --n 200 --start 530000 --speech espeak \
+    --continuation --threads 1 --quiet
+  [ -f "$S2/proc/latents.pt" ] || train latents --out "$S2/proc" --n 400 --threads 1 --quiet
+  [ -f "$S2/proc/latents_cont.pt" ] || train latents --out "$S2/proc" --n 240 --continuation --threads 1 --quiet
+  [ -f "$S2/speech/latents.pt" ] || train latents --out "$S2/speech" --n 200 --threads 1 --quiet
+  [ -f "$S2/speech/latents_cont.pt" ] || train latents --out "$S2/speech" --n 200 --continuation --threads 1 --quiet
+  LAT="$S2/proc/latents.pt,$S2/proc/latents_cont.pt,$S2/speech/latents.pt,$S2/speech/latents_cont.pt"
+  SHIPPED=src/wanmoe/assets/s2v-mini
+  for e in high low dense; do
+    f=$(case $e in high) echo high_noise_model;; low) echo low_noise_model;; dense) echo single_expert;; esac)
+    train expert --out "$S2" --expert $e --steps ${STEPS:-6000} --threads 1 --quiet --lr 3e-4 \
+      --init "$SHIPPED/$f" --mouth_weight 1 --latents "$LAT" --cont_frac 0.25 &
+    if [ $e = low ]; then wait; fi
+  done
+  wait
+  train export --out "$S2" --dest "$S2/export"
+  python -m wanmoe eval --model "$S2/export" --setups two,one,still --n 3 --speech 6 --jobs 2 --threads 1 \
+    --out "$S2/eval"
 fi

@@ -252,3 +252,65 @@ def test_expert_checkpoint_from_before_the_motion_rate_resumes(tmp_path):
     torch.save(ck, path)
     assert train_cli.main(["expert", "--expert", "low", "--out", str(out), "--smoke", "--quiet", "--steps", "5"]) == 0
     assert torch.load(path, weights_only=True)["step"] == 5
+
+
+def test_widened_dit_computes_what_the_narrow_one_did():
+    """widen_dit_latent: on a latent whose new channels are zero, the widened DiT gives the old output on the old
+    channels (kernel rounding only) and exactly 0 on the new ones; the config follows the latent."""
+    from wanmoe.models.dit import DiT, S2VInputs
+    from wanmoe.train.loop import latent_config, widen_dit_latent
+
+    cfg = train_cli.PRESETS["s2v-mini"]
+    wide = latent_config(cfg, 32)
+    assert (wide.dit.in_dim, wide.dit.out_dim, wide.dit.s2v.cond_dim, wide.vae.z_dim) == (32, 32, 32, 32)
+    assert wide.dit.dim == cfg.dit.dim and wide.with_vae(cfg.vae) == cfg
+    torch.manual_seed(0)
+    old = DiT(cfg.dit).eval()
+    with torch.no_grad():
+        old.head.head.weight.normal_(0, 0.05)
+        old.head.head.bias.normal_(0, 0.05)
+    new = DiT(wide.dit).eval()
+    new.load_state_dict(widen_dit_latent(old.state_dict(), 16, 32))
+    s = cfg.dit.s2v
+    x, ref = torch.randn(1, 16, 3, 8, 8), torch.randn(1, 16, 1, 8, 8)
+    motion = torch.randn(1, 16, s.lat_motion_frames, 8, 8)
+    audio, ctx, t = torch.randn(1, s.num_audio_layers, s.audio_dim, 12), torch.randn(1, 5, cfg.dit.text_dim), \
+        torch.tensor([700.0])
+
+    def pad(v):  # noqa: ANN001, ANN202
+        return torch.cat([v, torch.zeros_like(v)], 1)
+
+    with torch.no_grad():
+        want = old(x, t, ctx, s2v=S2VInputs(audio, ref, motion, drop_motion_frames=False))
+        got = new(pad(x), t, ctx, s2v=S2VInputs(audio, pad(ref), pad(motion), drop_motion_frames=False))
+    assert got.shape == (1, 32, 3, 8, 8) and want.abs().max() > 0.1
+    torch.testing.assert_close(got[:, :16], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[:, 16:], torch.zeros_like(got[:, 16:]))
+    with pytest.raises(ValueError, match="only grow"):
+        widen_dit_latent(new.state_dict(), 32, 16)
+
+
+def test_a_small_model_retrained_on_a_wider_vae_trains_exports_and_loads(tmp_path):
+    """The whole path of a retrained s2v-mini on a 32-channel VAE: the VAE widened from the shipped one, latents,
+    the experts started from the shipped 16-channel experts (widened), export, and `wanmoe.load(folder)` finds the
+    task with the folder's latent width and generates."""
+    import wanmoe
+
+    out, shipped = tmp_path / "run", train_cli.Path(__import__("wanmoe").__file__).parent / "assets" / "s2v-mini"
+    for argv in (["clips", "--n", "2"], ["vae", "--z_dim", "32", "--vae_init", str(shipped / "vae.safetensors")],
+                 ["latents", "--n", "2"],
+                 ["expert", "--expert", "high", "--init", str(shipped / "high_noise_model")],
+                 ["expert", "--expert", "low", "--init", str(shipped / "low_noise_model")],
+                 ["export", "--dest", str(tmp_path / "model")]):
+        assert train_cli.main([*argv, "--out", str(out), "--smoke", "--quiet"]) == 0, argv
+    pipe = wanmoe.load(tmp_path / "model")
+    assert pipe.cfg.task == "s2v-mini" and pipe.cfg.vae.z_dim == 32 and pipe.cfg.dit.in_dim == 32
+    assert wanmoe.load("s2v-mini", ckpt_dir=tmp_path / "model").cfg.dit.out_dim == 32
+    video = pipe(steps=2, seed=0)
+    assert video.frames.shape[0] == 3 and torch.isfinite(video.frames).all()
+    from wanmoe.cli import main
+    from wanmoe.verify import verify_checkpoint
+
+    assert verify_checkpoint(tmp_path / "model").ok
+    assert main(["generate", "--ckpt_dir", str(tmp_path / "model"), "--sample_steps", "2",
+                 "--save_file", str(tmp_path / "x.mp4")]) == 0 and (tmp_path / "x.mp4").is_file()

@@ -259,11 +259,13 @@ def check_budget(cfg: PipelineConfig, req: Request, opts: LoadOptions, cache: di
 def resolve(model: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None,
             task: str | None = None) -> tuple[PipelineConfig, str | None]:
     """A task name (`s2v-mini`, `t2v-A14B`) or a checkpoint folder -> (task config, checkpoint folder or None)."""
-    if task is not None:
-        return get_preset(task), None if ckpt_dir is None else str(ckpt_dir)
     name = str(model)
-    if any(name.lower() == t.lower() for t in PRESETS):
-        return get_preset(name), None if ckpt_dir is None else str(ckpt_dir)
+    if task is not None or any(name.lower() == t.lower() for t in PRESETS):
+        cfg = get_preset(task if task is not None else name)
+        # The folder the weights come from (a small model's own latent width is read there: loading.fit_to_folder).
+        folder = str(ckpt_dir) if ckpt_dir is not None else name if task is not None and Path(name).is_dir() else None
+        root = loading.ckpt_root(cfg, folder) if folder is not None or cfg.embedded else None
+        return loading.fit_to_folder(cfg, root), None if ckpt_dir is None else str(ckpt_dir)
     if Path(name).is_dir():
         return loading.detect_task(Path(name)), name
     raise InputError("model", f"{name!r} is neither a task ({', '.join(sorted(PRESETS))}) nor a checkpoint folder")

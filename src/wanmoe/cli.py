@@ -25,7 +25,7 @@ from wanmoe.configs import ASSETS, DEFAULT_TASK, PRESETS, get_preset
 from wanmoe.distributed.env import ParallelState, broadcast_seed, destroy_parallel, init_parallel
 from wanmoe.experts import format_table, schedule_table
 from wanmoe.inputs import read_inputs
-from wanmoe.loading import load_components
+from wanmoe.loading import ckpt_root, fit_to_folder, load_components
 from wanmoe.lora_stack import check_spec, parse_spec
 from wanmoe.pipeline import Progress
 from wanmoe.request import InputError, make_options, make_request
@@ -255,6 +255,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _fail("--enable_tts needs --tts_text (the words to speak)")
     try:
         cfg = get_preset(args.task)
+        if cfg.layout == "small" and (args.ckpt_dir or cfg.embedded):  # a retrained small model's own latent width
+            cfg = fit_to_folder(cfg, ckpt_root(cfg, args.ckpt_dir))
         kwargs = request_kwargs(args)
         if args.distilled:
             settings = distilled_option(cfg, args.ckpt_dir).settings

@@ -118,6 +118,21 @@ class PipelineConfig:
         return ex.ExpertSpec(names=self.experts, boundary=self.boundary if boundary is None else boundary,
                              blend=blend)
 
+    def with_vae(self, vae: VAEConfig) -> PipelineConfig:
+        """This small model with another VAE: a retrained one whose latent width may differ (s2v-mini on a 32-channel
+        latent). The DiT's input and output channels, and the S2V pose-latent width, follow the latent; the rest of
+        the DiT stays the preset's. Only for models whose DiT reads and writes the bare latent (t2v, s2v)."""
+        z, old = vae.z_dim, self.vae.z_dim
+        if z == old:
+            return dataclasses.replace(self, vae=vae)
+        if self.layout != "small" or not self.dit.in_dim == self.dit.out_dim == old:
+            raise ValueError(f"{self.task}: the latent width is fixed at {old} (its DiT does not read the bare "
+                             f"latent, or it is an official model); got a VAE with {z} channels")
+        s2v = self.dit.s2v
+        if s2v is not None and s2v.cond_dim == old:
+            s2v = dataclasses.replace(s2v, cond_dim=z)
+        return dataclasses.replace(self, vae=vae, dit=dataclasses.replace(self.dit, in_dim=z, out_dim=z, s2v=s2v))
+
     def single_expert(self) -> PipelineConfig:
         """This task served by one DiT (the dense baseline of a two-expert model: a single-folder checkpoint)."""
         if len(self.experts) == 1:

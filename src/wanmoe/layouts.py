@@ -8,14 +8,18 @@ table `wanmoe verify` walks). The files inside each entry are read by `wanmoe.ch
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
 from wanmoe.checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, find_weight_files
+from wanmoe.models.vae import VAEConfig
 
 __all__ = ["EXPERT_FOLDERS", "SINGLE_EXPERT", "Need", "TASK_LAYOUTS", "SMALL_LAYOUT", "SMALL_VAE_NAME",
-           "BYTE_TEXT_NAME", "find_experts", "layout_needs", "check_layout"]
+           "BYTE_TEXT_NAME", "find_experts", "layout_needs", "check_layout", "small_vae_config"]
 
 
 # Noise-expert folders, high noise first; a further expert is one more row, in trajectory order.
@@ -140,3 +144,14 @@ def check_layout(ckpt_dir: str | os.PathLike, task: str) -> dict[str, Path]:
         raise ValueError(f"checkpoint folder {root} is incomplete for task {key!r}.\n  expected:\n    {tree}\n"
                          f"  missing or invalid:\n    " + "\n    ".join(missing))
     return {n.role: root / n.path for n in needs}
+
+
+def small_vae_config(path: Path) -> VAEConfig:
+    """The VAEConfig a small model's VAE file (`SMALL_VAE_NAME`) carries in its metadata, latent statistics
+    included; only the header is read."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path} carries no VAE config in its metadata")
+    d = json.loads(meta["config"])
+    return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from wanmoe import checkpoint as ck
@@ -25,7 +24,7 @@ from wanmoe.distributed.env import ParallelState
 from wanmoe.memory.offload import ExpertPool, policy_from_flags
 from wanmoe.memory.plan_policy import STREAM_AHEAD
 from wanmoe.models.dit import DiTConfig
-from wanmoe.models.vae import VAEConfig, WanVAE
+from wanmoe.models.vae import WanVAE
 from wanmoe.pipeline import Components
 from wanmoe.request import InputError, LoadOptions
 from wanmoe.sampling.cache import CALIBRATION_FILE, Calibration
@@ -89,14 +88,22 @@ def check_small_layout(cfg: PipelineConfig, root: Path) -> None:
                          + "\n    ".join(expected) + "\n  missing or invalid:\n    " + "\n    ".join(problems))
 
 
+def fit_to_folder(cfg: PipelineConfig, root: Path | None) -> PipelineConfig:
+    """A small model's task config as its folder has it: the VAE config from the VAE file and, when that latent is
+    wider or narrower than the preset's, the DiT's input/output channels with it (`PipelineConfig.with_vae`: a
+    retrained s2v-mini on a 32-channel latent loads like the shipped one). Official layouts are returned as they
+    are."""
+    if cfg.layout != "small" or root is None or not (root / VAE_SAFETENSORS).is_file():
+        return cfg
+    try:
+        return cfg.with_vae(layouts.small_vae_config(root / VAE_SAFETENSORS))
+    except ValueError as e:
+        raise InputError("ckpt_dir", f"{root}: {e}") from None
+
+
 def load_small_vae(path: Path, device: torch.device) -> WanVAE:
     """A VAE saved by wanmoe (safetensors with its VAEConfig, latent statistics included, in the metadata)."""
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise ValueError(f"{path} carries no VAE config in its metadata")
-    d = json.loads(meta["config"])
-    cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    cfg = layouts.small_vae_config(path)
     with torch.device("meta"):
         vae = WanVAE(cfg)
     return ck.load_into_meta_model(vae, load_file(str(path), device=str(device)), source=str(path)).eval()
@@ -207,9 +214,11 @@ def parallel_loader(load, state: ParallelState):  # noqa: ANN001, ANN201 (Loader
     return wrapped
 
 
-def _shape_key(d: DiTConfig) -> tuple:
-    """What config.json always records (the official files and wanmoe's small models alike)."""
-    return (d.model_type, d.in_dim, d.out_dim, d.dim, d.ffn_dim, d.num_heads, d.num_layers, tuple(d.patch_size))
+def _shape_key(d: DiTConfig, latent: bool = True) -> tuple:
+    """What config.json always records (the official files and wanmoe's small models alike); latent=False leaves
+    out the channels that follow the VAE's latent width (a small model may be retrained on another VAE)."""
+    io = (d.in_dim, d.out_dim) if latent else ()
+    return (d.model_type, *io, d.dim, d.ffn_dim, d.num_heads, d.num_layers, tuple(d.patch_size))
 
 
 def detect_task(root: Path) -> PipelineConfig:
@@ -230,8 +239,12 @@ def detect_task(root: Path) -> PipelineConfig:
     for cfg in PRESETS.values():
         if (cfg.layout == "small") != small:
             continue
-        if _shape_key(dit) != _shape_key(cfg.dit):
+        if _shape_key(dit, latent=not small) != _shape_key(cfg.dit, latent=not small):
             continue
+        if small:
+            cfg = fit_to_folder(cfg, root)
+            if _shape_key(dit) != _shape_key(cfg.dit):
+                continue
         if list(folders) == [layouts.SINGLE_EXPERT]:
             found.append(cfg.single_expert())
         elif tuple(folders) == cfg.experts:

@@ -178,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         lat = build_latents(cfg, clips, vae, frozen_text_encoder(cfg), progress=progress, continuation=a.continuation)
         lat.save(a.out / ("latents_cont.pt" if a.continuation else "latents.pt"))
     elif a.stage == "expert":
-        from wanmoe.train.loop import LatentSet, train_expert
+        from wanmoe.train.loop import LatentSet, latent_config, train_expert
 
         steps = a.steps or (3 if a.smoke else 4000)
         files = [Path(f) for f in a.latents.split(",")] if a.latents else [a.out / "latents.pt"]
         data = LatentSet.cat([LatentSet.load(f) for f in files])
+        if data.latents.shape[1] != cfg.vae.z_dim:  # latents of a retrained VAE: the DiT's channels follow them
+            cfg = latent_config(cfg, data.latents.shape[1])
         train_expert(cfg, data, a.out / "experts", expert=a.expert, steps=steps,
                      batch=a.batch, lr=a.lr or 5e-4, progress=progress, mouth_weight=a.mouth_weight, init=a.init,
                      cont_frac=a.cont_frac, motion_noise=a.motion_noise, motion_lr_mult=a.motion_lr_mult,
@@ -268,13 +270,15 @@ def export(cfg: PipelineConfig, run: Path, dest: Path) -> None:
     from wanmoe.loading import load_small_vae, save_small_model
     from wanmoe.models.dit import DiT
 
+    vae = load_small_vae(run / "vae" / "vae.safetensors", torch.device("cpu"))
+    cfg = cfg.with_vae(vae.cfg)  # a retrained VAE may have another latent width: the DiTs follow it
+
     def ema(name: str) -> DiT:
         m = DiT(cfg.dit)
         ck = torch.load(run / "experts" / f"{name}.pt", map_location="cpu", weights_only=True)
         m.load_state_dict(ck["ema"])
         return m.eval()
 
-    vae = load_small_vae(run / "vae" / "vae.safetensors", torch.device("cpu"))
     text = frozen_text_encoder(cfg)
     save_small_model(dest, cfg, {n: ema(n) for n in cfg.experts}, vae, text, dit_dtype=torch.bfloat16)
     if (run / "experts" / "dense.pt").exists():

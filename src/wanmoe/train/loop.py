@@ -133,13 +133,54 @@ def _clip_pools(data: LatentSet, cont_frac: float) -> tuple[Tensor | None, Tenso
     return (first if len(first) else None), (cont if len(cont) and cont_frac > 0 else None)
 
 
+def latent_config(cfg: PipelineConfig, z: int) -> PipelineConfig:
+    """`cfg` with a z-channel latent (`PipelineConfig.with_vae`; only the widths matter for training, the latent
+    statistics are the VAE file's business)."""
+    return cfg.with_vae(dataclasses.replace(cfg.vae, z_dim=z, mean=(0.0,) * z, std=(1.0,) * z))
+
+
+# DiT parameters whose input channels are latent channels (video, reference and motion latents; S2V pose latents).
+LATENT_INPUTS = ("patch_embedding.weight", "cond_encoder.weight", "frame_packer.proj.weight",
+                 "frame_packer.proj_2x.weight", "frame_packer.proj_4x.weight")
+
+
+@torch.no_grad()
+def widen_dit_latent(state: dict[str, Tensor], z_old: int, z_new: int) -> dict[str, Tensor]:
+    """A DiT state dict for a wider latent (z_old -> z_new channels), computing exactly what the old one computed
+    on the old channels: the new input channels get zero weights, the head's new output channels (each patch
+    position's channels, channels fastest: "(p q r c)") zero weights and bias. A warm start for experts retrained
+    on a wider VAE, as `train.vae_train.widen_latent` is for the VAE itself."""
+    if z_new < z_old:
+        raise ValueError(f"the latent can only grow in a warm start, got {z_old} -> {z_new}")
+    out = dict(state)
+    for k in LATENT_INPUTS:
+        w = state.get(k)
+        if w is not None and w.shape[1] == z_old:
+            out[k] = torch.cat([w, w.new_zeros(w.shape[0], z_new - z_old, *w.shape[2:])], dim=1)
+    for k in ("head.head.weight", "head.head.bias"):
+        w = state[k]
+        p = w.shape[0] // z_old  # patch positions
+        grid = w.reshape(p, z_old, *w.shape[1:])
+        out[k] = torch.cat([grid, grid.new_zeros(p, z_new - z_old, *w.shape[1:])], dim=1).reshape(p * z_new,
+                                                                                                   *w.shape[1:])
+    return out
+
+
 def _init_state(cfg: PipelineConfig, init: Path) -> dict[str, Tensor]:
-    """Starting weights: a training checkpoint's EMA weights, or a shipped expert folder's weights in fp32."""
+    """Starting weights: a training checkpoint's EMA weights, or a shipped expert folder's weights in fp32; from a
+    narrower latent (a model trained on an earlier VAE) widened to this one (`widen_dit_latent`)."""
     if init.is_dir():
         from wanmoe import checkpoint as ck
 
-        return ck.load_dit(init, dtype=torch.float32, cfg=cfg.dit).state_dict()
-    return torch.load(init, map_location="cpu", weights_only=True)["ema"]
+        z_old = ck.read_dit_config(init).in_dim
+        state = ck.load_dit(init, dtype=torch.float32, cfg=latent_config(cfg, z_old).dit).state_dict()
+    else:
+        state = torch.load(init, map_location="cpu", weights_only=True)["ema"]
+    z_old = state["patch_embedding.weight"].shape[1]
+    if z_old != cfg.dit.in_dim:
+        log.info("widening %s from a %d-channel latent to %d", init, z_old, cfg.dit.in_dim)
+        state = widen_dit_latent(state, z_old, cfg.dit.in_dim)
+    return state
 
 
 def jitter_draw(b: int, c: int, g: torch.Generator, strength: float = 0.15) -> tuple[Tensor, Tensor]:
