@@ -3,6 +3,7 @@
     wanmoe eval --n 8 --out docs/results                       # two experts vs the single-expert baseline
     wanmoe eval --setups two,one,two-threshold,two-blend,two-int8,two-10steps --n 4
     wanmoe eval --n 3 --setups two,one --speech 6 --out runs/eval  # the full evaluation (docs/results.md)
+    wanmoe eval --n 3 --setups still --speech 6                # control: the reference held still, no model
     wanmoe eval --n 3 --speech 3 --jobs 2 --threads 1          # the short run of tests/test_eval.py
     wanmoe eval --motion 8 --long 30 --threads 1 --out runs/motion  # prompt motion and long audio (eval/motion.py)
 
