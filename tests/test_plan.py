@@ -352,6 +352,13 @@ def test_plan_json_parses(capsys):
     assert out["assumptions"]["bus_bandwidth_gb_s"] == pp.PCIE4_X16_GB_S
     assert pp.main(["--task", "s2v-tiny", "--vram_gb", "0.000001", "--json"]) == 1
     assert "too little" in json.loads(capsys.readouterr().out)["error"]
+    assert st["weights"] == "bf16"
+    # fp8 weights: the 8-bit policies only (the same bytes as int8), and the JSON says what they hold.
+    assert pp.main(["--task", "s2v-tiny", "--vram_gb", "1000", "--quant", "fp8", "--json"]) == 0
+    q = json.loads(capsys.readouterr().out)
+    assert q["chosen"] == "resident+int8" and q["weights"] == "fp8"
+    assert set(q["policies"]) == set(pp.candidates(int8=True))
+    assert pp.main(["--task", "s2v-tiny", "--int8", "--quant", "fp8"]) == 2
 
 
 def test_check_budget_replans_a_bigger_request(tmp_path, monkeypatch):

@@ -211,14 +211,16 @@ def format_policy_rows(plans: Sequence[tuple[str, MemoryPlan]], a: Assumptions =
 
 
 def plan_json(plans: Sequence[tuple[str, MemoryPlan]], a: Assumptions, vram_gb: float | None,
-              choice: Choice | None, error: str | None = None) -> dict:
-    """One JSON object: the chosen policy's phases, peak and streaming cost, every policy's, and the assumptions."""
+              choice: Choice | None, error: str | None = None, eight_bit: str = "int8") -> dict:
+    """One JSON object: the chosen policy's phases, peak and streaming cost, every policy's, and the assumptions.
+    eight_bit: what the 8-bit ("+int8") policies hold, "int8" or "fp8" (the same bytes)."""
 
     def one(p: MemoryPlan) -> dict:
         r = p.residency
         return {"peak_gb": p.peak / GB, "phases_gb": {k: v / GB for k, v in p.phases.items()},
                 "expert_gpu_gb": {k: v / GB for k, v in p.expert_gpu.items()},
-                "text_encoder": "cpu" if r.t5_cpu else "gpu", "int8": r.int8, "cfg_batched": r.batch_cfg,
+                "text_encoder": "cpu" if r.t5_cpu else "gpu", "int8": r.int8,
+                "weights": eight_bit if r.int8 else "bf16", "cfg_batched": r.batch_cfg,
                 "streaming": streaming_cost(p, a).to_json()}
 
     first = plans[0][1]
@@ -251,6 +253,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offload_model", choices=("true", "false"), default=None,
                    help="with --vram_gb: keep the idle expert off the GPU (true) or every expert on it (false)")
     p.add_argument("--int8", action="store_true", help="with --vram_gb: choose among int8 policies only")
+    p.add_argument("--quant", choices=("int8", "fp8"), default=None,
+                   help="with --vram_gb: choose among the 8-bit policies only, holding these weights (fp8 costs the "
+                        "bytes of int8: the policies keep their +int8 names)")
     p.add_argument("--t5_cpu", action="store_true", help="umT5 on the CPU under every policy")
     p.add_argument("--json", action="store_true", help="print one JSON object (needs one task and one size)")
     p.add_argument("--bandwidth_gb_s", type=float, default=PCIE4_X16_GB_S, help="host->device bandwidth, GB/s")
@@ -275,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --json plans one task at one size: give --task once and --size at most once", file=sys.stderr)
         return 2
     offload = None if args.offload_model is None else args.offload_model == "true"
+    if args.int8 and args.quant not in (None, "int8"):
+        print(f"error: --int8 and --quant {args.quant} name different weights; give one of them", file=sys.stderr)
+        return 2
+    args.int8 = args.int8 or args.quant is not None  # 8-bit policies only
     names = args.policy or (list(candidates(offload, args.int8)) if args.vram_gb is not None else list(DEFAULT_ROWS))
     flag_rows = args.flags or ([] if args.policy or args.vram_gb is not None or args.json else list(FLAG_SETS))
     cache: dict = {}
@@ -293,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except DoesNotFit as e:
                     error = str(e)
             if args.json:
-                print(json.dumps(plan_json(plans, a, args.vram_gb, choice, error), indent=1))
+                print(json.dumps(plan_json(plans, a, args.vram_gb, choice, error, args.quant or "int8"), indent=1))
                 return 0 if error is None else 1
             print(format_policy_rows(plans, a, args.vram_gb))
             if args.vram_gb is not None:
