@@ -24,6 +24,7 @@ import torch
 from wanmoe.configs import PRESETS, PipelineConfig
 from wanmoe.models.vae import VAEConfig
 from wanmoe.train.clips import ClipSet, build_clips, load_clips, save_clips
+from wanmoe.train.state import load_tensors
 
 log = logging.getLogger("wanmoe.train")
 TEXT_SEED = 1234  # the frozen byte-level text encoder is a fixed random projection of the prompt bytes
@@ -275,7 +276,7 @@ def export(cfg: PipelineConfig, run: Path, dest: Path) -> None:
 
     def ema(name: str) -> DiT:
         m = DiT(cfg.dit)
-        ck = torch.load(run / "experts" / f"{name}.pt", map_location="cpu", weights_only=True)
+        ck = load_tensors(run / "experts" / f"{name}.pt")
         m.load_state_dict(ck["ema"])
         return m.eval()
 

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from wanmoe.train.state import load_tensors, save_atomic
+
 
 @dataclass
 class ClipSet:
@@ -73,14 +75,12 @@ def build_clips(seeds: list[int] | range, *, frames: int, size: int, fps: float 
 
 
 def save_clips(clips: ClipSet, path: Path) -> None:
-    tmp = Path(str(path) + ".tmp")
-    torch.save({"video": clips.video, "ref": clips.ref, "audio": clips.audio, "seeds": clips.seeds,
-                "prompts": clips.prompts, "sr": clips.sr, "fps": clips.fps}, tmp)
-    tmp.replace(path)
+    save_atomic({"video": clips.video, "ref": clips.ref, "audio": clips.audio, "seeds": clips.seeds,
+                 "prompts": clips.prompts, "sr": clips.sr, "fps": clips.fps}, path)
 
 
 def load_clips(path: Path) -> ClipSet:
-    d = torch.load(path, map_location="cpu", weights_only=True)  # tensors, lists and numbers only: no pickle code
+    d = load_tensors(path)  # tensors, lists and numbers only: no pickle code
     return ClipSet(d["video"], d["ref"], d["audio"], list(d["seeds"]), list(d["prompts"]), int(d["sr"]),
                    float(d["fps"]))
 

@@ -59,6 +59,7 @@ from wanmoe.configs import PipelineConfig
 from wanmoe.models.s2v import S2VInputs
 from wanmoe.sampling.schedules import flow_sigmas, timesteps
 from wanmoe.train.lora_train import LoraRun, base_expert
+from wanmoe.train.state import load_tensors, save_atomic
 
 log = logging.getLogger(__name__)
 TEACHER_STEPS = 20
@@ -77,13 +78,11 @@ class TeacherSet:
     seeds: Tensor  # (M,) avatar seeds (train split)
 
     def save(self, path: Path) -> None:
-        tmp = Path(str(path) + ".tmp")
-        torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, tmp)
-        tmp.replace(path)
+        save_atomic({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
 
     @classmethod
     def load(cls, path: Path) -> TeacherSet:
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))  # tensors only: no pickle code
+        return cls(**load_tensors(path))  # tensors only: no pickle code
 
     def __len__(self) -> int:
         return self.states.shape[0]

@@ -36,6 +36,7 @@ from wanmoe.configs import PipelineConfig
 from wanmoe.models.dit import DiT
 from wanmoe.models.s2v import S2VInputs
 from wanmoe.sampling.schedules import time_shift
+from wanmoe.train.state import load_tensors, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,11 @@ class LatentSet:
     cont: Tensor | None = None  # (N,) bool
 
     def save(self, path: Path) -> None:
-        tmp = Path(str(path) + ".tmp")
-        torch.save(dataclasses.asdict(self), tmp)
-        tmp.replace(path)
+        save_atomic(dataclasses.asdict(self), path)
 
     @classmethod
     def load(cls, path: Path) -> LatentSet:
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        return cls(**load_tensors(path))
 
     @classmethod
     def cat(cls, sets: list[LatentSet]) -> LatentSet:
@@ -175,7 +174,7 @@ def _init_state(cfg: PipelineConfig, init: Path) -> dict[str, Tensor]:
         z_old = ck.read_dit_config(init).in_dim
         state = ck.load_dit(init, dtype=torch.float32, cfg=latent_config(cfg, z_old).dit).state_dict()
     else:
-        state = torch.load(init, map_location="cpu", weights_only=True)["ema"]
+        state = load_tensors(init)["ema"]
     z_old = state["patch_embedding.weight"].shape[1]
     if z_old != cfg.dit.in_dim:
         log.info("widening %s from a %d-channel latent to %d", init, z_old, cfg.dit.in_dim)
@@ -233,7 +232,7 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
     if mouth_weight > 0 and data.mouth is None:
         raise ValueError("mouth_weight > 0 needs latents built with mouth masks (re-run `wanmoe train latents`)")
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ck = load_tensors(ckpt_path)
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -298,10 +297,8 @@ def train_expert(cfg: PipelineConfig, data: LatentSet, out: Path, *, expert: str
             logf.flush()
         stop = max_seconds is not None and time.perf_counter() - t0 > max_seconds
         if step % ckpt_every == 0 or step == steps or stop:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "config": json.dumps({"expert": expert, "range": [lo, hi], "task": cfg.task})}, tmp)
-            tmp.replace(ckpt_path)
+            save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                         "config": json.dumps({"expert": expert, "range": [lo, hi], "task": cfg.task})}, ckpt_path)
         if stop:
             log.info("time budget reached at step %d", step)
             break

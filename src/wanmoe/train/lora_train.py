@@ -42,6 +42,7 @@ from wanmoe.configs import PipelineConfig
 from wanmoe.models.s2v import S2VInputs
 from wanmoe.train.clips import ClipSet
 from wanmoe.train.loop import LatentSet, sample_sigmas, velocity_loss
+from wanmoe.train.state import load_tensors, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class LoraRun:
         self.ckpt_every, self.max_seconds = ckpt_every, max_seconds
         self.step = 0
         if self.ckpt.exists():
-            ck = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+            ck = load_tensors(self.ckpt)
             self.lora.load_state_dict(ck["lora"])
             self.opt.load_state_dict(ck["opt"])
             self.step = int(ck["step"])
@@ -128,10 +129,8 @@ class LoraRun:
         self._log.write(json.dumps({"step": step, **record, "loss": value, "t": time.perf_counter() - self._t0}) + "\n")
         stop = self.max_seconds is not None and time.perf_counter() - self._t0 > self.max_seconds
         if step % self.ckpt_every == 0 or step == steps or stop:
-            tmp = self.ckpt.with_suffix(".tmp")
-            torch.save({"lora": self.lora.state_dict(), "opt": self.opt.state_dict(), "step": step,
-                        "config": json.dumps(self.meta)}, tmp)
-            tmp.replace(self.ckpt)
+            save_atomic({"lora": self.lora.state_dict(), "opt": self.opt.state_dict(), "step": step,
+                         "config": json.dumps(self.meta)}, self.ckpt)
             self.save()
             self._log.flush()
         if stop:

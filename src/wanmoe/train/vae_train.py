@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from wanmoe.models.vae import VAEConfig, WanVAE
 from wanmoe.train.clips import ClipSet
+from wanmoe.train.state import load_tensors, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def load_init(vae: WanVAE, path: Path) -> None:
             meta = json.loads((f.metadata() or {})["config"])
         state = load_file(str(path))
     else:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = load_tensors(path)
         meta, state = json.loads(ck["config"]), ck["model"]
     # The latent stats need no folding: training feeds the raw mu to decode() with stats (0, 1), and the trained
     # model's decode(normalised z) computes conv2(z * std + mean) = conv2(raw mu), the same function.
@@ -239,7 +240,7 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
     step, train_s, cosine_start = 0, 0.0, None
     ramp_from = 0 if warmup > 0 else -1  # the step the warm-up began at (-1: none); only a fresh AdamW needs one
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ck = load_tensors(ckpt_path)
         vae.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, train_s = int(ck["step"]), float(ck.get("train_s", 0.0))
@@ -254,11 +255,9 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
     bar = tqdm(total=steps, initial=step, desc="train vae", disable=not progress)
 
     def save() -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
-                    "cosine_start": start, "cosine_end": steps, "ramp_from": ramp_from,
-                    "config": json.dumps(dataclasses.asdict(cfg))}, tmp)
-        tmp.replace(ckpt_path)
+        save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
+                     "cosine_start": start, "cosine_end": steps, "ramp_from": ramp_from,
+                     "config": json.dumps(dataclasses.asdict(cfg))}, ckpt_path)
 
     def measure() -> None:
         r = heldout_psnr(vae, held)
