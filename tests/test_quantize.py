@@ -319,7 +319,9 @@ def test_quant_option_per_expert():
     assert check_quant("fp8", names) == "fp8" and check_quant({"high": "int8", "low": "int8"}, names) == "int8"
     assert check_quant("high=fp8", names) == "high=fp8,low=none"
     assert check_quant({"low": "fp8", "high": None}, names) == "high=none,low=fp8"
-    assert check_quant("high=none,low=none", names) is None
+    assert check_quant("high=none,low=none", names) is None and check_quant("none", names) is None
+    assert check_quant("float", names, int8=True) == "int8" and check_quant("high=float,low=fp8", names) == \
+        "high=none,low=fp8"
     for bad, match in (("int4", "one of int8, fp8"), ("mid=fp8", "unknown experts"), ("high", "one of"),
                        ("=fp8", "looks like")):
         with pytest.raises(InputError, match=f"quant.*{match}"):
