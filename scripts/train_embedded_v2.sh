@@ -56,6 +56,14 @@ if [ -f "$OUT/final_run/vae/vae.safetensors" ] && [ ! -f "$OUT/final/vae.safeten
   python benchmarks/vae_recon.py --vae "$OUT/final/vae.safetensors" --n 6 --threads 1
 fi
 
+# The continuation (CONTINUE=1; run in the fifth session, 112 minutes): 4000 more steps from the kept step-2900
+# weights, one cosine phase at 2e-4, whole clips in 48x48 crops: 22.6 -> 24.5 dB on six held-out clips
+# (docs/vae_v2.md, "Continued"). Its result is what train_state/vae_v2.safetensors holds now.
+if [ "${CONTINUE:-0}" = 1 ]; then
+  train vae --out "$OUT/continued" --clips "$CLIPS" --z_dim 32 --vae_init train_state/vae_v2.safetensors --warmup 200 \
+    --phases 4000:69:48:1:2e-4 --heldout 2 --eval_every 900 --max_minutes "${MIN_CONT:-115}" --threads 1 --quiet
+fi
+
 # Stage 2 (STAGE2=1; written, not yet run): the experts on this VAE. Its latent has 32 channels; the DiTs follow it
 # by themselves (`wanmoe train expert` reads the width from the latents, `export` from the VAE file, and
 # `wanmoe.load(folder)` from the folder), and `--init` widens the shipped 16-channel experts to 32
