@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from wanmoe.api import Pipeline, distilled_option
+from wanmoe.api import Pipeline, distilled_option, resolve
 from wanmoe.configs import ASSETS, DEFAULT_TASK, PRESETS, get_preset
 from wanmoe.distributed.env import ParallelState, broadcast_seed, destroy_parallel, init_parallel
 from wanmoe.experts import format_table, schedule_table
 from wanmoe.inputs import read_inputs
-from wanmoe.loading import ckpt_root, fit_to_folder, load_components
+from wanmoe.loading import load_components
 from wanmoe.lora_stack import check_spec, parse_spec
 from wanmoe.pipeline import Progress
 from wanmoe.request import InputError, make_options, make_request
@@ -254,9 +254,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.enable_tts and args.tts_text is None:
         return _fail("--enable_tts needs --tts_text (the words to speak)")
     try:
-        cfg = get_preset(args.task)
-        if cfg.layout == "small" and (args.ckpt_dir or cfg.embedded):  # a retrained small model's own latent width
-            cfg = fit_to_folder(cfg, ckpt_root(cfg, args.ckpt_dir))
+        cfg, _ = resolve(args.task, args.ckpt_dir)  # the preset, with a small model's own latent width
         kwargs = request_kwargs(args)
         if args.distilled:
             settings = distilled_option(cfg, args.ckpt_dir).settings

@@ -19,7 +19,8 @@ from wanmoe.checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, find_weight
 from wanmoe.models.vae import VAEConfig
 
 __all__ = ["EXPERT_FOLDERS", "SINGLE_EXPERT", "Need", "TASK_LAYOUTS", "SMALL_LAYOUT", "SMALL_VAE_NAME",
-           "BYTE_TEXT_NAME", "find_experts", "layout_needs", "check_layout", "small_vae_config"]
+           "BYTE_TEXT_NAME", "find_experts", "layout_needs", "check_layout", "small_vae_config",
+           "fit_small"]
 
 
 # Noise-expert folders, high noise first; a further expert is one more row, in trajectory order.
@@ -155,3 +156,12 @@ def small_vae_config(path: Path) -> VAEConfig:
         raise ValueError(f"{path} carries no VAE config in its metadata")
     d = json.loads(meta["config"])
     return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def fit_small(cfg, root: Path | None):  # noqa: ANN001, ANN201 (PipelineConfig -> PipelineConfig)
+    """A small model's task config as its folder has it: `cfg.with_vae` with the config of the folder's VAE file
+    (a retrained model may have another latent width, which its DiT's channels follow). `cfg` itself for official
+    layouts, without a folder, or without a VAE file; ValueError when the file or the width does not fit."""
+    if cfg.layout != SMALL_LAYOUT or root is None or not (root / SMALL_VAE_NAME).is_file():
+        return cfg
+    return cfg.with_vae(small_vae_config(root / SMALL_VAE_NAME))

@@ -89,14 +89,10 @@ def check_small_layout(cfg: PipelineConfig, root: Path) -> None:
 
 
 def fit_to_folder(cfg: PipelineConfig, root: Path | None) -> PipelineConfig:
-    """A small model's task config as its folder has it: the VAE config from the VAE file and, when that latent is
-    wider or narrower than the preset's, the DiT's input/output channels with it (`PipelineConfig.with_vae`: a
-    retrained s2v-mini on a 32-channel latent loads like the shipped one). Official layouts are returned as they
-    are."""
-    if cfg.layout != "small" or root is None or not (root / VAE_SAFETENSORS).is_file():
-        return cfg
+    """`layouts.fit_small` (a small model's latent width from its VAE file: a retrained s2v-mini on a 32-channel
+    latent loads like the shipped one), its refusals as InputError('ckpt_dir')."""
     try:
-        return cfg.with_vae(layouts.small_vae_config(root / VAE_SAFETENSORS))
+        return layouts.fit_small(cfg, root)
     except ValueError as e:
         raise InputError("ckpt_dir", f"{root}: {e}") from None
 
@@ -235,14 +231,22 @@ def detect_task(root: Path) -> PipelineConfig:
     except ValueError as e:
         raise InputError("ckpt_dir", f"{root} holds no readable DiT: {e}") from None
     small = (root / VAE_SAFETENSORS).is_file()
+    # A small model's latent width is its VAE file's (layouts.fit_small); the file is read once, not per preset.
+    try:
+        vae = layouts.small_vae_config(root / VAE_SAFETENSORS) if small else None
+    except ValueError as e:
+        raise InputError("ckpt_dir", f"{root}: {e}") from None
     found = []
     for cfg in PRESETS.values():
         if (cfg.layout == "small") != small:
             continue
         if _shape_key(dit, latent=not small) != _shape_key(cfg.dit, latent=not small):
             continue
-        if small:
-            cfg = fit_to_folder(cfg, root)
+        if vae is not None:
+            try:
+                cfg = cfg.with_vae(vae)
+            except ValueError:  # this preset's latent width cannot change: not this task
+                continue
             if _shape_key(dit) != _shape_key(cfg.dit):
                 continue
         if list(folders) == [layouts.SINGLE_EXPERT]:

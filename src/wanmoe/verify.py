@@ -269,11 +269,10 @@ def _needs(cfg: PipelineConfig) -> tuple[layouts.Need, ...]:
 def _for_folder(root: Path, cfg: PipelineConfig) -> PipelineConfig:
     """A single-DiT folder of a two-expert task holds that task served by one expert (a dense baseline); a small
     model takes its VAE's latent width (`PipelineConfig.with_vae`), as the loader does."""
-    if getattr(cfg, "layout", None) == layouts.SMALL_LAYOUT and (root / layouts.SMALL_VAE_NAME).is_file():
-        try:
-            cfg = cfg.with_vae(layouts.small_vae_config(root / layouts.SMALL_VAE_NAME))
-        except Exception:  # noqa: BLE001 (a broken VAE file is reported by _check_small_files, not here)
-            pass
+    try:
+        cfg = layouts.fit_small(cfg, root)
+    except Exception:  # noqa: BLE001 (a broken VAE file is reported by _check_small_files, not here)
+        pass
     single = (root / ck.CONFIG_NAME).is_file() and not any((root / d).is_dir() for _, d in layouts.EXPERT_FOLDERS)
     if single and len(cfg.experts) > 1 and hasattr(cfg, "single_expert"):
         return cfg.single_expert()
