@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wanmoe.memory.stream import BlockStream, ResidentBytes, stream_
+from wanmoe.memory.stream import BlockStream, ResidentBytes, check_staging, stream_
 from wanmoe.numerics import cast_
 
 __all__ = ["POLICIES", "ExpertPool", "OffloadFlags", "policy_from_flags", "with_dtype", "apply_precision"]
@@ -142,9 +142,7 @@ class ExpertPool:
         self.loaders = dict(loaders)
         self.device = torch.device(device)
         self.policy = policy
-        if not isinstance(stream_staging, int) or isinstance(stream_staging, bool) or stream_staging < 0:
-            raise ValueError(f"stream_staging must be an integer >= 0 (pinned staging buffers; 0: pin the experts), "
-                             f"got {stream_staging!r}")
+        check_staging(stream_staging, "stream_staging")  # checked now: the streamer is only made by get()
         # Pinned host copies only pay off when there is an accelerator to copy to; a staging ring replaces them.
         staged = policy == "stream" and stream_staging > 0
         self.pin_memory = (self.device.type == "cuda" and not staged) if pin_memory is None else pin_memory

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ResidentBytes", "BlockStream", "stream_", "block_bytes"]
+__all__ = ["ResidentBytes", "BlockStream", "stream_", "check_staging", "block_bytes"]
 
 _MARK = "_wanmoe_block_stream"  # the model's attribute naming its installed streamer (one at a time)
 
@@ -343,6 +343,14 @@ def _to_device_except(model: nn.Module, blocks: str, device: torch.device) -> No
         parent._modules[child] = held
 
 
+def check_staging(staging: object, name: str = "staging") -> int:
+    """The number of pinned staging buffers, checked: an integer >= 0 (0: no ring, the blocks are pinned)."""
+    if not isinstance(staging, int) or isinstance(staging, bool) or staging < 0:
+        raise ValueError(f"{name} (pinned staging buffers of the ring; 0: pin the blocks instead) must be an integer "
+                         f">= 0, got {staging!r}")
+    return staging
+
+
 def stream_(model: nn.Module, device: str | torch.device, *, blocks: str = "blocks", ahead: int = 2,
             tracker: ResidentBytes | None = None, pin: bool | None = None, staging: int = 0) -> BlockStream:
     """Stream `model`'s blocks (the ModuleList at `blocks`) to `device`, at most `ahead` (K) blocks at a time.
@@ -352,8 +360,7 @@ def stream_(model: nn.Module, device: str | torch.device, *, blocks: str = "bloc
     buffers instead of pinning the blocks (module docstring). Inference only: see the module docstring. Returns
     the handle; `handle.remove()` undoes the streaming (the blocks keep their host tensors).
     """
-    if not isinstance(staging, int) or isinstance(staging, bool) or staging < 0:
-        raise ValueError(f"staging (pinned buffers of the ring; 0: none) must be an integer >= 0, got {staging!r}")
+    check_staging(staging)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
