@@ -165,7 +165,7 @@ class Int8Linear(QuantLinear):
     def _forward_int8(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()  # (L, I)
-        x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0  # (L, 1)
+        x_scale = _absmax_scale(x2, 127.0)  # (L, 1)
         xq = torch.round(x2 / x_scale).clamp_(-127, 127).to(torch.int8)  # (L, I)
         acc = torch._int_mm(xq, self.qweight.t())  # (L, O) int32, exact; qweight.t() is the column-major operand
         y = acc.float().mul_(x_scale).mul_(self.weight_scale)  # (L, O) fp32
@@ -210,7 +210,7 @@ class Fp8Linear(QuantLinear):
     def _forward_fp8(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()  # (L, I)
-        x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX  # (L, 1)
+        x_scale = _absmax_scale(x2, FP8_MAX)  # (L, 1)
         xq = (x2 / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # (L, I)
         out = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
         # qweight.t() is the column-major operand; scales (L, 1) and (1, O) in fp32; accumulation in fp32.
@@ -223,17 +223,23 @@ class Fp8Linear(QuantLinear):
 LAYERS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "fp8": Fp8Linear}
 
 
+def _absmax_scale(t: Tensor, top: float) -> Tensor:
+    """Symmetric absmax scale of each row of a 2-D tensor, (rows, 1): max |row| / top. A zero row gets a tiny scale
+    instead of a division by zero (any value works, its quantized values are 0). Weights per output channel,
+    activations per token."""
+    return t.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
+
+
 @torch.no_grad()
 def quantize_weight(w: Tensor, mode: str = "int8") -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel absmax: (O, I) float -> (q (O, I) int8 or fp8 e4m3, scale float32 (O,))."""
     w = w.float()
     top = 127.0 if mode == "int8" else FP8_MAX
-    # A zero row gets a tiny scale (any value works, q is 0) instead of a division by zero.
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / top  # (O,)
-    q = (w / scale[:, None]).clamp_(-top, top)
+    scale = _absmax_scale(w, top)  # (O, 1)
+    q = (w / scale).clamp_(-top, top)
     if mode == "int8":
-        return torch.round(q).to(torch.int8), scale
-    return q.to(torch.float8_e4m3fn), scale  # rounds to the nearest e4m3 value
+        return torch.round(q).to(torch.int8), scale[:, 0]
+    return q.to(torch.float8_e4m3fn), scale[:, 0]  # rounds to the nearest e4m3 value
 
 
 def _skipped(name: str, skip: Iterable[str] | Callable[[str, nn.Module], bool] | None, mod: nn.Module) -> bool:
