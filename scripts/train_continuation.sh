@@ -10,14 +10,14 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 OUT=${OUT:-runs/cont}
 # The round-5 weights to start from: what scripts/train_embedded.sh exports into the package folder. The package now
-# holds round 6, so to redo round 6 alone point INIT at a round-5 copy, e.g. from git:
+# holds round 8, so to redo round 6 alone point INIT at a round-5 copy, e.g. from git:
 #   mkdir -p r5 && git archive 6b7847d src/wanmoe/assets/s2v-mini | tar -x -C r5 && INIT=r5/src/wanmoe/assets/s2v-mini
 INIT=${INIT:-src/wanmoe/assets/s2v-mini}
 OUT2=${OUT2:-runs/cont2}
 train() { nice -n 10 python -m wanmoe.train.cli "$@"; }
 mkdir -p "$OUT/proc/vae" "$OUT/speech/vae" "$OUT/vae"
 for d in "$OUT/proc" "$OUT/speech" "$OUT"; do
-  ln -sfn "$(realpath src/wanmoe/assets/s2v-mini/vae.safetensors)" "$d/vae/vae.safetensors"  # the shipped VAE
+  ln -sfn "$(realpath "$INIT/vae.safetensors")" "$d/vae/vae.safetensors"  # round 5's VAE (16 channels)
 done
 # 93-frame clips (25 motion frames + 68): 400 procedural (training seeds 2000+) and 200 with real espeak-ng
 # sentences (530000+), each used twice: as a first clip [ref | frames 0-67] and as a continuation

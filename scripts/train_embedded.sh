@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the embedded s2v-mini model (the one in src/wanmoe/assets/s2v-mini) on a 2-core CPU: rounds 1 to 5
-# here, round 6 (fresh clips and continuation clips) in scripts/train_continuation.sh, which starts from the weights
-# this script exports; see docs/results.md. Each stage is resumable.
+# here (a VAE with a 16-channel latent), round 6 (fresh clips and continuation clips) in scripts/train_continuation.sh,
+# which starts from the weights this script exports, and round 8 (a 32-channel VAE, the experts widened to it and
+# retrained) in scripts/train_embedded_v2.sh; see docs/results.md. Each stage is resumable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -25,7 +26,7 @@ continue_experts() {
 
 # Round 1. VAE: short clips first (fast), then longer clips so late frames of a 4 s clip decode well.
 train clips --out "$OUT" --n 240
-train vae --out "$OUT" --threads 2 --phases "500:5:48:4:1e-3:sample,1800:5:48:4:6e-4,2000:17:32:3:4e-4,2400:49:24:2:4e-4"
+train vae --out "$OUT" --z_dim 16 --threads 2 --phases "500:5:48:4:1e-3:sample,1800:5:48:4:6e-4,2000:17:32:3:4e-4,2400:49:24:2:4e-4"
 train latents --out "$OUT" --n 160 --threads 2
 for e in high low dense; do
   train expert --out "$OUT" --expert "$e" --steps "$STEPS" --max_minutes "$MIN" --threads 1 --quiet &
@@ -38,7 +39,7 @@ wait
 mkdir -p "$OUT2/vae"
 ln -sfn "$(realpath "$OUT/clips.pt")" "$OUT2/clips.pt"
 [ -f "$OUT2/vae/vae_ckpt.pt" ] || cp "$OUT/vae/vae_ckpt.pt" "$OUT2/vae/"
-train vae --out "$OUT2" --threads 2 --phases "4000:69:48:1:3e-4:mouth"
+train vae --out "$OUT2" --z_dim 16 --threads 2 --phases "4000:69:48:1:3e-4:mouth"
 train latents --out "$OUT2" --n 160 --threads 2
 continue_experts "$OUT2" "$OUT" "$STEPS2" "$MIN" 3e-4 "$OUT2/latents.pt" high low dense
 

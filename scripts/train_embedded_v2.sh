@@ -14,6 +14,10 @@ export OMP_NUM_THREADS=1
 OUT=${OUT:-runs/vae30}
 MIN=${MIN:-82}            # minutes per run of the VAE stage (rerun to continue)
 train() { nice -n 19 python -m wanmoe.train.cli "$@"; }
+# Round 6, the starting point of both stages: its VAE (16 channels) and experts. The package held it until round 8
+# replaced it with this script's output, so it is taken from git (commit e1cb821) unless R6 names a copy.
+R6=${R6:-runs/r6/src/wanmoe/assets/s2v-mini}
+[ -d "$R6" ] || { mkdir -p runs/r6 && git archive e1cb821 src/wanmoe/assets/s2v-mini | tar -x -C runs/r6; }
 
 # Fresh training clips (69 frames, 128x128): 600 procedural (training seeds 1000+, not those of the shipped
 # model's 240) and 300 with real espeak-ng sentences (seeds 520000+, after the shipped model's 500000-510239).
@@ -31,7 +35,7 @@ if [ "${SWEEP:-0}" = 1 ]; then
   cand() { local name=$1 ph=$2 min=$3; shift 3
     train vae --out "$OUT/cand/$name" --clips "$OUT/data/proc/clips.pt" --phases "$ph" --max_minutes "$min" \
       --heldout 2 --eval_every 90 --threads 1 --quiet "$@"; }
-  SHIPPED=src/wanmoe/assets/s2v-mini/vae.safetensors
+  SHIPPED=$R6/vae.safetensors
   cand D_d16z32_warm 100000:17:48:2:5e-4 7 --z_dim 32 --vae_init "$SHIPPED"
   cand B_d16z32 100000:17:48:2:5e-4 7 --z_dim 32
   cand E_d16z32_lr15 100000:17:48:2:1.5e-3 5 --z_dim 32 --warmup 50
@@ -45,7 +49,7 @@ fi
 # again. The session ran this twice: first with the first two phases only (--max_minutes 82; they ended after
 # 33 min), then the same command with all four phases and --max_minutes 56.
 train vae --out "$OUT/final_run" --clips "$CLIPS" \
-  --z_dim 32 --vae_init src/wanmoe/assets/s2v-mini/vae.safetensors --warmup 200 \
+  --z_dim 32 --vae_init "$R6/vae.safetensors" --warmup 200 \
   --phases 800:69:32:1:2e-4,1150:69:48:1:1.5e-4:mouth,2400:69:48:1:2.5e-4,2900:69:48:1:1.5e-4:mouth \
   --heldout 2 --eval_every 600 --max_minutes "$MIN" --threads 1 --quiet
 # Run afterwards, did not help (docs/vae_v2.md); the checkpoint left in OUT/final_run is at its step 3600:
@@ -64,7 +68,7 @@ if [ "${CONTINUE:-0}" = 1 ]; then
     --phases 4000:69:48:1:2e-4 --heldout 2 --eval_every 900 --max_minutes "${MIN_CONT:-115}" --threads 1 --quiet
 fi
 
-# Stage 2 (STAGE2=1; written, not yet run): the experts on this VAE. Its latent has 32 channels; the DiTs follow it
+# Stage 2 (STAGE2=1; run in the sixth session, about 85 minutes): the experts on this VAE. Its latent has 32 channels; the DiTs follow it
 # by themselves (`wanmoe train expert` reads the width from the latents, `export` from the VAE file, and
 # `wanmoe.load(folder)` from the folder), and `--init` widens the shipped 16-channel experts to 32
 # (`train.loop.widen_dit_latent`: the new channels start at zero weight, so step 0 computes what round 6 did on the
@@ -75,23 +79,42 @@ if [ "${STAGE2:-0}" = 1 ]; then
   for d in "$S2" "$S2/proc" "$S2/speech"; do
     mkdir -p "$d/vae" && ln -sfn "$(realpath "$V2")" "$d/vae/vae.safetensors"
   done
+  # Clips one set after the other (5 min), then the four latent sets side by side (20 min).
   [ -f "$S2/proc/clips.pt" ] || train clips --out "$S2/proc" --n 400 --start 2000 --continuation --threads 1 --quiet
   [ -f "$S2/speech/clips.pt" ] || train clips --out "$S2/speech" --n 200 --start 530000 --speech espeak \
     --continuation --threads 1 --quiet
-  [ -f "$S2/proc/latents.pt" ] || train latents --out "$S2/proc" --n 400 --threads 1 --quiet
-  [ -f "$S2/proc/latents_cont.pt" ] || train latents --out "$S2/proc" --n 240 --continuation --threads 1 --quiet
-  [ -f "$S2/speech/latents.pt" ] || train latents --out "$S2/speech" --n 200 --threads 1 --quiet
-  [ -f "$S2/speech/latents_cont.pt" ] || train latents --out "$S2/speech" --n 200 --continuation --threads 1 --quiet
+  [ -f "$S2/proc/latents.pt" ] || train latents --out "$S2/proc" --n 400 --threads 1 --quiet &
+  [ -f "$S2/proc/latents_cont.pt" ] || train latents --out "$S2/proc" --n 240 --continuation --threads 1 --quiet &
+  [ -f "$S2/speech/latents.pt" ] || train latents --out "$S2/speech" --n 200 --threads 1 --quiet &
+  [ -f "$S2/speech/latents_cont.pt" ] || train latents --out "$S2/speech" --n 200 --continuation --threads 1 --quiet &
+  wait
   LAT="$S2/proc/latents.pt,$S2/proc/latents_cont.pt,$S2/speech/latents.pt,$S2/speech/latents_cont.pt"
-  SHIPPED=src/wanmoe/assets/s2v-mini
+  SHIPPED=$R6
+  # The two experts and the baseline side by side, 4000 steps each (45 min on the 2 cores).
   for e in high low dense; do
     f=$(case $e in high) echo high_noise_model;; low) echo low_noise_model;; dense) echo single_expert;; esac)
-    train expert --out "$S2" --expert $e --steps ${STEPS:-6000} --threads 1 --quiet --lr 3e-4 \
+    train expert --out "$S2" --expert $e --steps ${STEPS:-4000} --threads 1 --quiet --lr 3e-4 \
       --init "$SHIPPED/$f" --mouth_weight 1 --latents "$LAT" --cont_frac 0.25 &
-    if [ $e = low ]; then wait; fi
   done
   wait
   train export --out "$S2" --dest "$S2/export"
   python -m wanmoe eval --model "$S2/export" --setups two,one,still --n 3 --speech 6 --jobs 2 --threads 1 \
     --out "$S2/eval"
+  # Round 8, shipped: the export into the package, step-cache calibrations made again for it (three uncached runs
+  # of the example each), and the step-distillation LoRAs trained again on it (20 minutes).
+  if [ "${SHIP:-0}" = 1 ]; then
+    A=src/wanmoe/assets/s2v-mini
+    for f in vae.safetensors byte_text_encoder.safetensors {high_noise_model,low_noise_model}/config.json \
+      {high_noise_model,low_noise_model,single_expert}/diffusion_pytorch_model.safetensors single_expert/config.json \
+      single_expert/vae.safetensors single_expert/byte_text_encoder.safetensors; do
+      install -m 644 "$S2/export/$f" "$A/$f"
+    done
+    python -c "import wanmoe; wanmoe.load('s2v-mini').calibrate_cache(path='$A/step_cache.json')
+wanmoe.load('$A/single_expert').calibrate_cache(path='$A/single_expert/step_cache.json')"
+    train distill --out "$S2/distill" --steps_fast 2 --n 96 --steps 1500 --rank 16 --batch 2 --max_minutes 20 \
+      --eval_n 4 --threads 1
+    for e in high low; do
+      install -m 644 "$S2/distill/fast_$e.safetensors" "src/wanmoe/assets/loras/s2v-mini_distill2_$e.safetensors"
+    done
+  fi
 fi

@@ -135,7 +135,7 @@ def test_vae_sizes_widened_warm_start_and_time_limit(tmp_path):
     out = tmp_path / "run"
     assert train_cli.main(["clips", "--n", "2", "--out", str(out), "--smoke", "--quiet"]) == 0
     small = ["--vae_dim", "4", "--vae_res_blocks", "1", "--vae_mult", "1,2,2,2"]
-    assert train_cli.main(["vae", "--out", str(out), "--smoke", "--quiet", *small]) == 0
+    assert train_cli.main(["vae", "--out", str(out), "--smoke", "--quiet", *small, "--z_dim", "16"]) == 0
     cfg = json.loads((out / "vae" / "config.json").read_text())
     assert (cfg["dim"], cfg["num_res_blocks"], cfg["dim_mult"], cfg["z_dim"]) == (4, 1, [1, 2, 2, 2], 16)
 
@@ -260,7 +260,7 @@ def test_widened_dit_computes_what_the_narrow_one_did():
     from wanmoe.models.dit import DiT, S2VInputs
     from wanmoe.train.loop import latent_config, widen_dit_latent
 
-    cfg = train_cli.PRESETS["s2v-mini"]
+    cfg = latent_config(train_cli.PRESETS["s2v-mini"], 16)  # s2v-mini as it was up to round 6
     wide = latent_config(cfg, 32)
     assert (wide.dit.in_dim, wide.dit.out_dim, wide.dit.s2v.cond_dim, wide.vae.z_dim) == (32, 32, 32, 32)
     assert wide.dit.dim == cfg.dit.dim and wide.with_vae(cfg.vae) == cfg
@@ -291,16 +291,24 @@ def test_widened_dit_computes_what_the_narrow_one_did():
 
 
 def test_a_small_model_retrained_on_a_wider_vae_trains_exports_and_loads(tmp_path):
-    """The whole path of a retrained s2v-mini on a 32-channel VAE: the VAE widened from the shipped one, latents,
-    the experts started from the shipped 16-channel experts (widened), export, and `wanmoe.load(folder)` finds the
-    task with the folder's latent width and generates."""
+    """The whole path of round 8: a 16-channel s2v-mini (what rounds 1-6 were), then its VAE widened to 32
+    channels, latents, the experts started from the 16-channel ones (widened), export, and `wanmoe.load(folder)`
+    finds the task with each folder's latent width and generates."""
     import wanmoe
 
-    out, shipped = tmp_path / "run", train_cli.Path(__import__("wanmoe").__file__).parent / "assets" / "s2v-mini"
-    for argv in (["clips", "--n", "2"], ["vae", "--z_dim", "32", "--vae_init", str(shipped / "vae.safetensors")],
+    narrow, out = tmp_path / "narrow", tmp_path / "run"
+    for argv in (["clips", "--n", "2"], ["vae", "--z_dim", "16"], ["latents", "--n", "2"],
+                 ["expert", "--expert", "high"], ["expert", "--expert", "low"],
+                 ["export", "--dest", str(tmp_path / "model16")]):
+        assert train_cli.main([*argv, "--out", str(narrow), "--smoke", "--quiet"]) == 0, argv
+    old = wanmoe.load(tmp_path / "model16")  # a folder of the 16-channel rounds loads under the 32-channel preset
+    assert old.cfg.vae.z_dim == 16 and old.cfg.dit.in_dim == old.cfg.dit.s2v.cond_dim == 16
+    (out / "clips.pt").parent.mkdir(parents=True)
+    (out / "clips.pt").symlink_to(narrow / "clips.pt")
+    for argv in (["vae", "--z_dim", "32", "--vae_init", str(tmp_path / "model16" / "vae.safetensors")],
                  ["latents", "--n", "2"],
-                 ["expert", "--expert", "high", "--init", str(shipped / "high_noise_model")],
-                 ["expert", "--expert", "low", "--init", str(shipped / "low_noise_model")],
+                 ["expert", "--expert", "high", "--init", str(tmp_path / "model16" / "high_noise_model")],
+                 ["expert", "--expert", "low", "--init", str(narrow / "experts" / "low.pt")],
                  ["export", "--dest", str(tmp_path / "model")]):
         assert train_cli.main([*argv, "--out", str(out), "--smoke", "--quiet"]) == 0, argv
     pipe = wanmoe.load(tmp_path / "model")
