@@ -45,6 +45,8 @@ SETUPS: dict[str, tuple[str, dict, dict]] = {
     "one-audio2": ("single_expert", {"motion_scale": 2.0}, {}),
     "two-audio1": ("", {"motion_scale": 1.0}, {}),
     "one-audio1": ("single_expert", {"motion_scale": 1.0}, {}),
+    "two-audio3": ("", {"motion_scale": 3.0}, {}),
+    "one-audio3": ("single_expert", {"motion_scale": 3.0}, {}),
     # Step caching per expert at threshold 0.1 (each model's shipped step_cache.json).
     "two-cache": ("", {"cache": 0.1}, {}),
     "one-cache": ("single_expert", {"cache": 0.1}, {}),
