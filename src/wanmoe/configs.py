@@ -209,9 +209,9 @@ MINI = PipelineConfig(
     sample_steps=20, sample_shift=5.0, guide_scale={"high": 1.0, "low": 1.0}, sample_fps=16, infer_frames=68,
     default_size="128*128", sizes=("128*128",), neg_prompt="", embedded=True,
     motion_scale=2.0,  # audio guidance: real-speech sync 0.46 -> 0.52 for 0.5 dB PSNR (docs/results.md)
-    # Every clip from the reference and the same noise: over 30 s of speech the last 4 s score 15.6 dB (first 4 s:
-    # 15.9) instead of 13.3, colour drift 2.6 levels instead of 32; the official chaining ("frames") drifts on this
-    # model (docs/results.md).
+    # Every clip from the reference and the same noise: over 30 s of speech the last 4 s score 18.4 dB (first 4 s:
+    # 18.7) instead of 14.1, colour drift 2.5 levels instead of 33; the official chaining ("frames") drifts on this
+    # model (round 8, docs/results.md).
     clip_context="reference",
     example_prompt="a square yellow face with blue eyes on a sky blue background, nodding gently while talking",
     # 2 Euler steps (one per expert) whose LoRAs were trained to land on the 20-step sampler's states (wanmoe train
