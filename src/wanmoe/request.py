@@ -193,6 +193,7 @@ def _guidance(v: object, names: tuple[str, ...]) -> dict[str, float]:
 
 
 QUANT_MODES = ("int8", "fp8")
+FLOAT_WEIGHTS = ("", "none", "float")  # spellings of "no 8-bit weights" (--quant, the web form, the HTTP field)
 
 
 def quant_modes(spec: str | None) -> dict[str, str | None]:
@@ -210,7 +211,7 @@ def check_quant(quant: object, names: tuple[str, ...], int8: bool = False) -> st
     quant: None (or "none" / "float"), "int8" / "fp8" (every expert), per expert as a mapping {"high": "fp8", "low":
     None} or the string "high=fp8,low=none" (experts not named keep float weights). int8=True (the --int8 flag)
     means "int8"."""
-    if quant is None or quant in ("", "none", "float") or quant == {}:
+    if quant is None or quant in FLOAT_WEIGHTS or quant == {}:
         return "int8" if int8 else None
     if isinstance(quant, str) and "=" in quant:
         pairs = [p.partition("=") for p in quant.split(",")]
@@ -222,7 +223,7 @@ def check_quant(quant: object, names: tuple[str, ...], int8: bool = False) -> st
         if unknown:
             raise InputError("quant", f"names unknown experts {unknown}; this task has {list(names)}")
         modes = {n: quant.get(n) for n in names}
-        modes = {n: None if m in (None, "none", "float", "") else check_choice("quant", m, QUANT_MODES)
+        modes = {n: None if m is None or m in FLOAT_WEIGHTS else check_choice("quant", m, QUANT_MODES)
                  for n, m in modes.items()}
     else:
         modes = dict.fromkeys(names, check_choice("quant", quant, QUANT_MODES))

@@ -32,7 +32,7 @@ from wanmoe.configs import PipelineConfig
 from wanmoe.experts import expert_weights
 from wanmoe.inputs import Inputs, read_inputs
 from wanmoe.pipeline import Preview, Progress
-from wanmoe.request import QUANT_MODES, InputError, Request, make_request
+from wanmoe.request import FLOAT_WEIGHTS, QUANT_MODES, InputError, Request, make_request
 from wanmoe.sampling.schedules import flow_sigmas
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def quant_of(form: dict) -> str | None:
     """The experts' weights a form asks for: `quant` ("float", "int8", "fp8"; empty: float) or the older `int8`
     flag -> None, "int8" or "fp8"; InputError('quant') for anything else."""
     q = str(form.get("quant") or "").strip().lower()
-    if q in ("", "float", "none"):
+    if q in FLOAT_WEIGHTS:
         return "int8" if form.get("int8") else None
     if q not in QUANT_MODES:
         raise InputError("quant", f"must be one of float, {', '.join(QUANT_MODES)}; got {form.get('quant')!r}")
