@@ -68,6 +68,17 @@ if [ "${CONTINUE:-0}" = 1 ]; then
     --phases 4000:69:48:1:2e-4 --heldout 2 --eval_every 900 --max_minutes "${MIN_CONT:-115}" --threads 1 --quiet
 fi
 
+# The decoder alone (DECODER=1; run in the seventh session): the encoder frozen at the kept weights, so the latents,
+# their statistics and the experts trained on them stay valid, and a better decoder drops into the shipped model.
+# One cosine phase of whole 69-frame clips in 48x48 crops at 1e-4 on the same clips, two threads, about 1.4 s a step
+# (docs/vae_v2.md, "The decoder alone").
+if [ "${DECODER:-0}" = 1 ]; then
+  OMP_NUM_THREADS=2 nice -n 19 python -m wanmoe.train.cli vae --out runs/dec1 --clips "$CLIPS" --z_dim 32 \
+    --decoder_only --vae_init train_state/vae_v2.safetensors --warmup 200 --phases 3600:69:48:1:1e-4 \
+    --heldout 2 --eval_every 900 --max_minutes "${MIN_DEC:-95}" --threads 2 --quiet
+  [ -f runs/dec1/vae/vae.safetensors ] && python benchmarks/vae_recon.py --vae runs/dec1/vae/vae.safetensors --n 6
+fi
+
 # Stage 2 (STAGE2=1; run in the sixth session, about 85 minutes): the experts on this VAE. Its latent has 32 channels; the DiTs follow it
 # by themselves (`wanmoe train expert` reads the width from the latents, `export` from the VAE file, and
 # `wanmoe.load(folder)` from the folder), and `--init` widens the shipped 16-channel experts to 32

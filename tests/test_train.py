@@ -165,6 +165,23 @@ def test_vae_sizes_widened_warm_start_and_time_limit(tmp_path):
     rows = [json.loads(r) for r in (wide / "vae" / "vae_heldout.jsonl").read_text().splitlines()]
     assert rows and all(k in rows[0] for k in ("all", "late", "mouth")) and rows[0]["step"] == 0
 
+    # --decoder_only: the encoder side keeps the init's weights and latent statistics, the decoder side moves.
+    dec = tmp_path / "dec"
+    (dec / "clips.pt").parent.mkdir(parents=True)
+    (dec / "clips.pt").symlink_to(out / "clips.pt")
+    assert train_cli.main(["vae", "--out", str(dec), "--quiet", *small, "--z_dim", "16", "--decoder_only",
+                           "--vae_init", str(out / "vae" / "vae.safetensors"), "--phases", "3:5:16:1:1e-3"]) == 0
+    tuned = load_small_vae(dec / "vae" / "vae.safetensors", torch.device("cpu"))
+    assert (tuned.cfg.mean, tuned.cfg.std) == (old.cfg.mean, old.cfg.std)
+    before, after = old.state_dict(), tuned.state_dict()
+    enc = [k for k in before if k.startswith(("encoder.", "conv1."))]
+    assert enc and all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    with pytest.raises(ValueError, match="decoder_only"):  # a wider latent has no trained encoder to keep
+        train_cli.main(["vae", "--out", str(tmp_path / "dec24"), "--quiet", *small, "--z_dim", "24",
+                        "--decoder_only", "--vae_init", str(out / "vae" / "vae.safetensors"),
+                        "--phases", "3:5:16:1:1e-3", "--clips", str(out / "clips.pt")])
+
 
 def test_continuation_clips_train_the_motion_tokens(tmp_path):
     """Clips after the first: the latents hold the motion frames' own encoding, and training on them (and only

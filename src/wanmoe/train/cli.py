@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="vae: held-out whole clips measured during training (OUT/vae/vae_heldout.jsonl; 0: none)")
     p.add_argument("--eval_every", type=float, default=120.0, help="vae: seconds of training between measurements")
     p.add_argument("--device", default="cpu", help="vae: where to train (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--decoder_only", action="store_true",
+                   help="vae: train the decoder only, the encoder frozen at --vae_init's weights; the latents and "
+                        "their statistics stay the same, so the experts trained on them need no retraining")
     p.add_argument("--warmup", type=int, default=0,
                    help="vae: linear learning-rate warm-up steps when training starts without optimizer state "
                         "(scratch or --vae_init)")
@@ -259,7 +262,7 @@ def vae_stage(cfg: PipelineConfig, a: argparse.Namespace, progress: bool) -> Non
             lr=float(ph[4]), sample_posterior="sample" in flags, mouth_p=0.6 if mouth else 0.0,
             mouth_weight=4.0 if mouth else 0.0, ref_p=0.5 if mouth else 0.3, ckpt_every=50, progress=progress,
             finalize=k == len(phases) - 1, init=a.vae_init, deadline=deadline, held=held,
-            eval_every_s=a.eval_every, warmup=a.warmup, device=a.device)
+            eval_every_s=a.eval_every, warmup=a.warmup, decoder_only=a.decoder_only, device=a.device)
         if not finished:
             log.info("vae: stopped at --max_minutes in phase %d; run the same command again to resume", k + 1)
             return

@@ -199,6 +199,18 @@ def load_init(vae: WanVAE, path: Path) -> None:
     vae.load_state_dict(widen_latent(state, cur, z_old, vae.cfg.z_dim))
 
 
+def init_stats(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The latent mean/std recorded in a trained VAE's metadata (safetensors) or checkpoint config."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["config"])
+    else:
+        meta = json.loads(load_tensors(path)["config"])
+    return tuple(meta["mean"]), tuple(meta["std"])
+
+
 @torch.no_grad()
 def measure_latent_stats(vae: WanVAE, clips: ClipSet, n: int = 16) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of the raw posterior mean over `n` full clips."""
@@ -214,7 +226,8 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
               progress: bool = True, sample_posterior: bool = False, finalize: bool = True, mouth_p: float = 0.0,
               mouth_weight: float = 0.0, ref_p: float = 0.3, init: Path | None = None,
               deadline: float | None = None, held: HeldOut | None = None, eval_every_s: float = 120.0,
-              warmup: int = 0, device: str | torch.device = "cpu") -> tuple[VAEConfig, bool]:
+              warmup: int = 0, decoder_only: bool = False,
+              device: str | torch.device = "cpu") -> tuple[VAEConfig, bool]:
     """Flat loop: sample crops -> encode -> reparameterise -> decode -> loss -> step; resumable from out/vae_ckpt.pt.
 
     ``mouth_p``/``mouth_weight``: over-sample mouth-centred crops and add ``mouth_weight`` x the L1 loss inside
@@ -227,7 +240,10 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
     out/vae_heldout.jsonl. ``warmup``: the learning rate ramps up linearly over the first steps of a run that
     starts without optimizer state (a fresh AdamW's first updates are lr-sized on every weight, which undoes much
     of a warm start); a phase resuming a checkpoint keeps its AdamW state and needs none. ``device``: where the
-    model and each batch of crops live (the clips stay in host memory as uint8); checkpoints load on any device."""
+    model and each batch of crops live (the clips stay in host memory as uint8); checkpoints load on any device.
+    ``decoder_only``: the encoder (and its moments conv) stays frozen at ``init``'s weights and only the decoder side
+    trains, so the latents, their statistics (copied from ``init``, not re-measured) and every DiT trained on them
+    stay valid: a better decoder drops into a shipped model without retraining its experts."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "vae_ckpt.pt"
     torch.manual_seed(seed)
@@ -236,11 +252,24 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
         load_init(vae, init)
         log.info("VAE starts from %s", init)
     vae = vae.to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    if decoder_only:
+        if init is None:
+            raise ValueError("decoder_only needs init: the frozen encoder must be a trained one")
+        if len(init_stats(init)[0]) != cfg.z_dim:
+            raise ValueError(f"decoder_only keeps init's latent; it has {len(init_stats(init)[0])} channels, "
+                             f"this VAE {cfg.z_dim} (pass the same --z_dim)")
+        frozen = [*vae.encoder.parameters(), *vae.conv1.parameters()]
+        for p in frozen:
+            p.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     step, train_s, cosine_start = 0, 0.0, None
     ramp_from = 0 if warmup > 0 else -1  # the step the warm-up began at (-1: none); only a fresh AdamW needs one
     if ckpt_path.exists():
         ck = load_tensors(ckpt_path)
+        if bool(ck.get("decoder_only", False)) != decoder_only:
+            raise ValueError(f"{ckpt_path} was trained with decoder_only={bool(ck.get('decoder_only', False))}; "
+                             "resume it the same way (or start a new --out)")
         vae.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, train_s = int(ck["step"]), float(ck.get("train_s", 0.0))
@@ -256,7 +285,7 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
 
     def save() -> None:
         save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
-                     "cosine_start": start, "cosine_end": steps, "ramp_from": ramp_from,
+                     "cosine_start": start, "cosine_end": steps, "ramp_from": ramp_from, "decoder_only": decoder_only,
                      "config": json.dumps(dataclasses.asdict(cfg))}, ckpt_path)
 
     def measure() -> None:
@@ -278,7 +307,8 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
         t0 = time.perf_counter()
         x, mask = random_crops(clips, g, batch, frames, crop, boxes=boxes, mouth_p=mouth_p, ref_p=ref_p)
         x, mask = x.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        mu, logvar = vae.encode_moments(x, chunked=False)
+        with torch.set_grad_enabled(not decoder_only):
+            mu, logvar = vae.encode_moments(x, chunked=False)
         # The DiT only ever sees mu (the official encode drops log_var), so sampling the posterior is optional;
         # the deterministic path converges much faster on CPU budgets.
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar.clamp(-30, 20)) if sample_posterior else mu
@@ -292,7 +322,7 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
         loss = rec_loss + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         for group in opt.param_groups:  # cosine decay over the run
             frac = (step - start) / max(steps - start, 1)
             ramp = min(1.0, (step - ramp_from + 1) / warmup) if ramp_from >= 0 else 1.0
@@ -317,7 +347,10 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
         measure()
     if not finalize or not finished:
         return cfg, finished
-    mean, std = measure_latent_stats(vae.eval(), clips)
+    if decoder_only:  # the encoder is init's: so are its latents' statistics (the experts were trained on them)
+        mean, std = init_stats(init)
+    else:
+        mean, std = measure_latent_stats(vae.eval(), clips)
     final = dataclasses.replace(cfg, mean=tuple(round(m, 5) for m in mean), std=tuple(round(s, 5) for s in std))
     from safetensors.torch import save_file
 
