@@ -179,16 +179,24 @@ def widen_latent(state: dict[str, torch.Tensor], init: dict[str, torch.Tensor], 
     return out
 
 
+def init_config(path: Path) -> dict:
+    """The VAEConfig fields (latent statistics included) of a trained VAE: a safetensors file's metadata or a
+    training checkpoint's config."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {})["config"])
+    return json.loads(load_tensors(path)["config"])
+
+
 def load_init(vae: WanVAE, path: Path) -> None:
     """Start ``vae`` from a trained VAE (safetensors with its config, or a training checkpoint), widening the
     latent if this one has more channels (`widen_latent`)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})["config"])
-        state = load_file(str(path))
+        meta, state = init_config(path), load_file(str(path))
     else:
         ck = load_tensors(path)
         meta, state = json.loads(ck["config"]), ck["model"]
@@ -197,18 +205,6 @@ def load_init(vae: WanVAE, path: Path) -> None:
     z_old = int(meta["z_dim"])
     cur = {k: v.cpu() for k, v in vae.state_dict().items()}
     vae.load_state_dict(widen_latent(state, cur, z_old, vae.cfg.z_dim))
-
-
-def init_stats(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The latent mean/std recorded in a trained VAE's metadata (safetensors) or checkpoint config."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})["config"])
-    else:
-        meta = json.loads(load_tensors(path)["config"])
-    return tuple(meta["mean"]), tuple(meta["std"])
 
 
 @torch.no_grad()
@@ -255,8 +251,9 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
     if decoder_only:
         if init is None:
             raise ValueError("decoder_only needs init: the frozen encoder must be a trained one")
-        if len(init_stats(init)[0]) != cfg.z_dim:
-            raise ValueError(f"decoder_only keeps init's latent; it has {len(init_stats(init)[0])} channels, "
+        kept = init_config(init)  # the frozen encoder's latent: its width and statistics are init's
+        if kept["z_dim"] != cfg.z_dim:
+            raise ValueError(f"decoder_only keeps init's latent; it has {kept['z_dim']} channels, "
                              f"this VAE {cfg.z_dim} (pass the same --z_dim)")
         frozen = [*vae.encoder.parameters(), *vae.conv1.parameters()]
         for p in frozen:
@@ -348,7 +345,7 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
     if not finalize or not finished:
         return cfg, finished
     if decoder_only:  # the encoder is init's: so are its latents' statistics (the experts were trained on them)
-        mean, std = init_stats(init)
+        mean, std = kept["mean"], kept["std"]
     else:
         mean, std = measure_latent_stats(vae.eval(), clips)
     final = dataclasses.replace(cfg, mean=tuple(round(m, 5) for m in mean), std=tuple(round(s, 5) for s in std))
