@@ -339,3 +339,58 @@ def test_a_small_model_retrained_on_a_wider_vae_trains_exports_and_loads(tmp_pat
     assert verify_checkpoint(tmp_path / "model").ok
     assert main(["generate", "--ckpt_dir", str(tmp_path / "model"), "--sample_steps", "2",
                  "--save_file", str(tmp_path / "x.mp4")]) == 0 and (tmp_path / "x.mp4").is_file()
+
+
+def test_decoder_tuned_on_the_models_own_latents(tmp_path):
+    """`wanmoe train pairs` keeps exactly the latent the pipeline decodes (decoding the pair gives the video's
+    frames), and `wanmoe train decoder` trains the decoder side only on (generated latent -> ground truth) crops:
+    the loss on the pairs falls, the encoder and the latent statistics stay the shipped VAE's, and the written
+    file loads as the model's VAE."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import wanmoe
+    from wanmoe.train import decoder_tune as dt
+    from wanmoe.train.clips import load_clips
+
+    out = tmp_path / "run"
+    assert train_cli.main(["clips", "--n", "2", "--out", str(out), "--quiet"]) == 0  # 128x128, as s2v-mini makes
+    assert train_cli.main(["pairs", "--out", str(out), "--model", "s2v-mini", "--n", "1", "--start", "1",
+                           "--smoke", "--quiet"]) == 0
+    pairs, clips = dt.load_pair_files([out / "pairs.pt"])
+    assert pairs.clip.tolist() == [1] and pairs.latents.shape[:3] == (1, 32, 3)  # [ref | 2 latents]: 8 frames
+    pipe = wanmoe.load("s2v-mini")
+    video = pipe(clips.prompts[1], image=clips.ref_float(1), audio=clips.audio[1, : clips.sr // 2].numpy(),
+                 sr=clips.sr, seed=1, num_clip=1, steps=2, infer_frames=8)
+    with torch.no_grad():
+        frames = pipe.components.vae.decode(pairs.latents)[0]
+    drop = pipe.cfg.dropped_frames(start_from_ref=False)
+    torch.testing.assert_close(frames[:, 1 + drop :], video.frames, atol=1e-4, rtol=0)
+
+    shipped = pipe.components.vae.cfg
+    vae_file = train_cli.Path(wanmoe.__file__).parent / "assets" / "s2v-mini" / "vae.safetensors"
+    g = torch.Generator().manual_seed(0)
+    z, x, _ = dt.pair_crops(pairs, load_clips(out / "clips.pt"), g, 1, 32, 8, 4, None, 0.0)
+    assert z.shape == (1, 32, 3, 4, 4) and x.shape == (1, 3, 9, 32, 32)
+    z, x = pairs.latents, torch.cat([clips.ref_float(1)[:, None], clips.video_float(1)[:, :8]], 1)[None]
+
+    def loss_on(vae_path):  # noqa: ANN001, ANN202 (the whole pair: what training on random crops of it lowers)
+        from wanmoe.loading import load_small_vae
+
+        with torch.no_grad():
+            rec = load_small_vae(vae_path, torch.device("cpu")).decode(z, clamp=False, chunked=False)
+        return (torch.nn.functional.l1_loss(rec, x) + torch.nn.functional.mse_loss(rec, x)).item()
+
+    written = dt.tune_decoder(vae_file, clips, pairs, tmp_path / "tuned", steps=12, batch=2, crop=32, lr=3e-4,
+                              warmup=0, mouth_p=0.0, mouth_weight=0.0, progress=False)
+    before, after = loss_on(vae_file), loss_on(written)
+    assert written is not None and after < 0.97 * before
+    old, new = load_file(str(vae_file)), load_file(str(written))
+    assert all(torch.equal(old[k], new[k]) for k in old if k.startswith(("encoder.", "conv1.")))
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+    with safe_open(str(written), "pt") as f:
+        assert f.metadata()["config"] and json.loads(f.metadata()["config"])["mean"] == list(shipped.mean)
+    # The CLI's decoder stage runs too (smoke: two steps), resumable from its checkpoint.
+    assert train_cli.main(["decoder", "--out", str(tmp_path / "cli"), "--pairs", str(out / "pairs.pt"),
+                           "--vae_init", str(vae_file), "--smoke", "--quiet"]) == 0
+    assert (tmp_path / "cli" / "vae" / "vae.safetensors").is_file()

@@ -89,7 +89,8 @@ def build_latents(cfg: PipelineConfig, clips: ClipSet, vae, text_encoder, *, pro
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wanmoe train", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("stage", choices=["clips", "vae", "latents", "expert", "export", "lora", "distill"])
+    p.add_argument("stage", choices=["clips", "vae", "latents", "expert", "export", "lora", "distill", "pairs",
+                                      "decoder"])
     p.add_argument("--task", default="s2v-mini", choices=[k for k, v in PRESETS.items() if v.text_encoder == "byte"])
     p.add_argument("--out", type=Path, default=Path("runs/mini"))
     p.add_argument("--n", type=int, default=None,
@@ -133,7 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=0,
                    help="vae: linear learning-rate warm-up steps when training starts without optimizer state "
                         "(scratch or --vae_init)")
-    p.add_argument("--dest", type=Path, default=None, help="export: destination folder")
+    p.add_argument("--dest", type=Path, default=None,
+                   help="export: destination folder; pairs: the pair file to write (default OUT/pairs.pt)")
+    p.add_argument("--model", default=None,
+                   help="pairs: the model (folder or task name) whose generated latents pair with OUT/clips.pt")
+    p.add_argument("--crop", type=int, default=48,
+                   help="decoder: crop size in pixels (a multiple of the VAE's spatial stride)")
+    p.add_argument("--pairs", default=None,
+                   help="decoder: comma list of pair files (`pairs` stage) to tune --vae_init's decoder on")
     p.add_argument("--init", type=Path, default=None,
                    help="expert: start from this checkpoint's EMA weights (e.g. runs/mini/experts/high.pt) or a "
                         "shipped expert's folder (e.g. src/wanmoe/assets/s2v-mini/high_noise_model)")
@@ -207,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                       progress=progress)
     elif a.stage == "export":
         export(cfg, a.out, a.dest or a.out / "export")
+    elif a.stage in ("pairs", "decoder"):
+        decoder_stages(cfg, a, progress)
     return 0
 
 
@@ -267,6 +277,29 @@ def vae_stage(cfg: PipelineConfig, a: argparse.Namespace, progress: bool) -> Non
             log.info("vae: stopped at --max_minutes in phase %d; run the same command again to resume", k + 1)
             return
     (a.out / "vae" / "config.json").write_text(json.dumps(dataclasses.asdict(final)))
+
+
+def decoder_stages(cfg: PipelineConfig, a: argparse.Namespace, progress: bool) -> None:
+    """`pairs`: a model's generated latents for the first --n clips of OUT/clips.pt (from --start); `decoder`: the
+    decoder of --vae_init tuned on --pairs (wanmoe.train.decoder_tune)."""
+    from wanmoe.train import decoder_tune as dt
+
+    if a.stage == "pairs":
+        clips_file = a.out / "clips.pt"
+        clips = load_clips(clips_file)
+        stop = len(clips) if a.n is None else min(len(clips), a.start + a.n)
+        settings = {"steps": 2, "infer_frames": cfg.infer_frames} if a.smoke else {}
+        pairs = dt.build_pairs(a.model or cfg.task, clips, list(range(a.start, stop)), progress=progress, **settings)
+        pairs.clips_file = str(clips_file.resolve())
+        pairs.save(a.dest or a.out / "pairs.pt")
+        return
+    if not a.pairs or a.vae_init is None:
+        raise SystemExit("wanmoe train decoder: give --pairs (pair files) and --vae_init (the VAE to tune)")
+    pairs, clips = dt.load_pair_files([Path(f) for f in a.pairs.split(",")])
+    steps = a.steps or (2 if a.smoke else 3000)
+    dt.tune_decoder(a.vae_init, clips, pairs, a.out, steps=steps, batch=a.batch, lr=a.lr or 1e-4,
+                    warmup=a.warmup or (0 if a.smoke else 100), crop=32 if a.smoke else a.crop,
+                    max_seconds=None if a.max_minutes is None else a.max_minutes * 60, progress=progress)
 
 
 def export(cfg: PipelineConfig, run: Path, dest: Path) -> None:
