@@ -152,6 +152,13 @@ if [ "${TUNE:-0}" = 1 ]; then
   (pairs one proc $A/single_expert 200 && pairs one speech $A/single_expert 100) &
   wait
   OMP_NUM_THREADS=2 nice -n 19 python -m wanmoe.train.cli decoder --out "$T/tune" --vae_init $A/vae.safetensors \
-    --pairs "$T/two_proc.pt,$T/two_speech.pt,$T/one_proc.pt,$T/one_speech.pt" --steps "${TUNE_STEPS:-5500}" \
-    --crop 48 --lr 2e-4 --max_minutes "${MIN_TUNE:-80}" --threads 2 --quiet
+    --pairs "$T/two_proc.pt,$T/two_speech.pt,$T/one_proc.pt,$T/one_speech.pt" --steps 5500 --stop_step 4300 \
+    --crop 48 --lr 2e-4 --threads 2 --quiet  # the session stopped the 5500-step cosine at 4300 (60 min) for time
+  # The package's model with the tuned decoder in both VAE files, evaluated; SHIP=1 puts it into the package.
+  [ -d "$T/model" ] || cp -r $A "$T/model"
+  for f in vae.safetensors single_expert/vae.safetensors; do install -m 644 "$T/tune/vae/vae.safetensors" "$T/model/$f"; done
+  python -m wanmoe eval --model "$T/model" --setups two,one --n 3 --speech 6 --jobs 2 --threads 1 --out "$T/eval"
+  if [ "${SHIP:-0}" = 1 ]; then
+    for f in vae.safetensors single_expert/vae.safetensors; do install -m 644 "$T/tune/vae/vae.safetensors" "$A/$f"; done
+  fi
 fi

@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="pairs: the model (folder or task name) whose generated latents pair with OUT/clips.pt")
     p.add_argument("--crop", type=int, default=48,
                    help="decoder: crop size in pixels (a multiple of the VAE's spatial stride)")
+    p.add_argument("--stop_step", type=int, default=None,
+                   help="decoder: stop (and write the weights) at this step of the --steps cosine")
     p.add_argument("--pairs", default=None,
                    help="decoder: comma list of pair files (`pairs` stage) to tune --vae_init's decoder on")
     p.add_argument("--init", type=Path, default=None,
@@ -299,7 +301,8 @@ def decoder_stages(cfg: PipelineConfig, a: argparse.Namespace, progress: bool) -
     steps = a.steps or (2 if a.smoke else 3000)
     dt.tune_decoder(a.vae_init, clips, pairs, a.out, steps=steps, batch=a.batch, lr=a.lr or 1e-4,
                     warmup=a.warmup or (0 if a.smoke else 100), crop=32 if a.smoke else a.crop,
-                    max_seconds=None if a.max_minutes is None else a.max_minutes * 60, progress=progress)
+                    max_seconds=None if a.max_minutes is None else a.max_minutes * 60, stop_step=a.stop_step,
+                    progress=progress)
 
 
 def export(cfg: PipelineConfig, run: Path, dest: Path) -> None:

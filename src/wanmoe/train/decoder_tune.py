@@ -137,10 +137,12 @@ def pair_crops(pairs: PairSet, clips: ClipSet, g: torch.Generator, batch: int, c
 
 def tune_decoder(vae_file: Path, clips: ClipSet, pairs: PairSet, out: Path, *, steps: int, batch: int = 2,
                  crop: int = 48, lr: float = 1e-4, warmup: int = 100, mouth_p: float = 0.5, mouth_weight: float = 2.0,
-                 seed: int = 0, ckpt_every: int = 100, max_seconds: float | None = None,
-                 progress: bool = True) -> Path | None:
-    """Train the decoder side of ``vae_file``'s VAE on ``pairs`` (module docstring); returns the written
-    out/vae/vae.safetensors, or None when ``max_seconds`` stopped the run first (run again to continue)."""
+                 seed: int = 0, ckpt_every: int = 100, max_seconds: float | None = None, stop_step: int | None = None,
+                 progress: bool = True) -> Path:
+    """Train the decoder side of ``vae_file``'s VAE on ``pairs`` (module docstring) and write
+    out/vae/vae.safetensors. The learning rate follows one cosine over ``steps``; ``stop_step`` (a step of that
+    cosine) or ``max_seconds`` stop the run early: the checkpoint and the file then hold the weights so far, and
+    running again continues the same cosine."""
     from safetensors.torch import save_file
 
     from wanmoe.loading import load_small_vae
@@ -176,7 +178,8 @@ def tune_decoder(vae_file: Path, clips: ClipSet, pairs: PairSet, out: Path, *, s
     def save() -> None:
         save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
 
-    while step < steps:
+    end = steps if stop_step is None else min(steps, stop_step)
+    while step < end:
         z, x, mask = pair_crops(pairs, clips, g, batch, crop, stride, vae.cfg.stride[0], boxes, mouth_p)
         rec = vae.decode(z, clamp=False, chunked=False)  # (B, 3, T, crop, crop)
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
@@ -199,12 +202,11 @@ def tune_decoder(vae_file: Path, clips: ClipSet, pairs: PairSet, out: Path, *, s
             logf.flush()
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
         stop = max_seconds is not None and time.perf_counter() - t0 > max_seconds
-        if step % ckpt_every == 0 or step == steps or stop:
+        if step % ckpt_every == 0 or step == end or stop:
             save()
-        if stop and step < steps:
+        if stop:
             log.info("time budget reached at step %d", step)
-            bar.close()
-            return None
+            break
     bar.close()
     dest = out / "vae" / "vae.safetensors"
     dest.parent.mkdir(parents=True, exist_ok=True)
