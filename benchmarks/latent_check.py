@@ -66,6 +66,11 @@ def patches(z: torch.Tensor) -> torch.Tensor:
     return z.reshape(-1, 4 * c)
 
 
+def keep_latents(into: list[torch.Tensor]):  # noqa: ANN201 (a preview callback)
+    """A `preview` callback that appends each step's x0 prediction to ``into``."""
+    return lambda p: into.append(p.latent) if p.latent is not None else None
+
+
 def unpatch(p: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of `patches`."""
     _, c, f, h, w = shape
@@ -93,8 +98,7 @@ def main() -> None:
         for case in held_out_cases(a.n, frames, a.speech, Path(tmp)):
             s = case["sample"]
             seen: list[torch.Tensor] = []
-            video = pipe(s.prompt, image=case["image"], audio=case["audio"], seed=0,
-                         preview=lambda p: seen.append(p.latent) if p.latent is not None else None)
+            video = pipe(s.prompt, image=case["image"], audio=case["audio"], seed=0, preview=keep_latents(seen))
             z_gen = seen[-1].float()
             with torch.no_grad():
                 z = vae.encode(torch.cat([s.ref[:, None], s.video[:, :frames]], 1)[None].float())
@@ -104,14 +108,15 @@ def main() -> None:
             gt = s.video[:, DROPPED: DROPPED + t]
             q = basis[last]
             noise = draw_noise(tuple(z_gen.shape), 0, torch.device("cpu"))
-            row = {"case": case["name"], "vae_psnr": m.psnr(rec[:, :t], gt), "gen_psnr": m.psnr(video.frames[:, :t], gt),
-                   "std_ratio": (z_gen.std() / z_gt.std()).item(), "lat_rmse": (z_gen - z_gt).pow(2).mean().sqrt().item(),
+            row = {"case": case["name"], "vae_psnr": m.psnr(rec[:, :t], gt),
+                   "gen_psnr": m.psnr(video.frames[:, :t], gt), "std_ratio": (z_gen.std() / z_gt.std()).item(),
+                   "lat_rmse": (z_gen - z_gt).pow(2).mean().sqrt().item(),
                    "unreached_rms": (patches(z_gen) @ q).pow(2).mean().sqrt().item() if q.shape[1] else 0.0,
                    "noise_rms": (patches(noise) @ q).pow(2).mean().sqrt().item() if q.shape[1] else 0.0}
 
-            def decoded(lat: torch.Tensor) -> torch.Tensor:
+            def decoded(lat: torch.Tensor, ref: torch.Tensor = z[:, :, :1], t: int = t) -> torch.Tensor:
                 with torch.no_grad():
-                    return vae.decode(torch.cat([z[:, :, :1], lat], 2))[0, :, 1 + DROPPED: 1 + DROPPED + t].clamp(-1, 1)
+                    return vae.decode(torch.cat([ref, lat], 2))[0, :, 1 + DROPPED: 1 + DROPPED + t].clamp(-1, 1)
 
             if q.shape[1]:
                 pg, pt = patches(z_gen), patches(z_gt)

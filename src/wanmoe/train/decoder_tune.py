@@ -93,13 +93,14 @@ def build_pairs(model: str | Path, clips: ClipSet, indices: list[int], *, progre
     n_audio = int(round(clips.sr * nf / clips.fps))
     lats = []
     for i in tqdm(indices, desc=f"pairs {Path(str(model)).name}", disable=not progress):
-        seen: list[Tensor] = []
+        seen: list = []  # wanmoe.pipeline.Preview records of this clip
         ref = clips.ref_float(i)  # (3, Hp, Wp) in [-1, 1]
         pipe(clips.prompts[i], image=ref, audio=clips.audio[i, :n_audio].numpy(), sr=clips.sr, seed=int(i),
-             num_clip=1, preview=lambda p: seen.append(p.latent) if p.latent is not None else None, **settings)
+             num_clip=1, preview=seen.append, **settings)
         with torch.no_grad():
             ref_lat = vae.encode(ref[None, :, None].float())  # (1, C, 1, H, W), as the pipeline encodes it
-        lats.append(torch.cat([ref_lat, seen[-1].float()], dim=2)[0])
+        last = [p.latent for p in seen if p.latent is not None][-1]  # the final step's x0: what is decoded
+        lats.append(torch.cat([ref_lat, last.float()], dim=2)[0])
     return PairSet(torch.stack(lats), torch.tensor(indices, dtype=torch.int64), model=str(model))
 
 
