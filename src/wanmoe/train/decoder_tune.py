@@ -147,7 +147,7 @@ def tune_decoder(vae_file: Path, clips: ClipSet, pairs: PairSet, out: Path, *, s
     from safetensors.torch import save_file
 
     from wanmoe.loading import load_small_vae
-    from wanmoe.train.vae_train import init_config, mouth_boxes
+    from wanmoe.train.vae_train import init_config, mouth_boxes, recon_loss
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "decoder_ckpt.pt"
@@ -183,10 +183,7 @@ def tune_decoder(vae_file: Path, clips: ClipSet, pairs: PairSet, out: Path, *, s
     while step < end:
         z, x, mask = pair_crops(pairs, clips, g, batch, crop, stride, vae.cfg.stride[0], boxes, mouth_p)
         rec = vae.decode(z, clamp=False, chunked=False)  # (B, 3, T, crop, crop)
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        if mouth_weight > 0 and mask.sum() > 0:
-            m = mask.expand_as(x)
-            loss = loss + mouth_weight * ((rec - x).abs() * m).sum() / m.sum()
+        loss = recon_loss(rec, x, mask, mouth_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -53,6 +53,16 @@ def cat_clips(sets: list[ClipSet]) -> ClipSet:
                    [p for c in sets for p in c.prompts], sets[0].sr, sets[0].fps)
 
 
+def recon_loss(rec: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, mouth_weight: float) -> torch.Tensor:
+    """L1 + MSE of a decoded crop against its frames, plus ``mouth_weight`` x the L1 inside the mouth box
+    (``mask``: 1 there, broadcast over channels and frames; the lip-region loss)."""
+    loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+    if mouth_weight > 0 and mask.sum() > 0:
+        m = mask.expand_as(x)
+        loss = loss + mouth_weight * ((rec - x).abs() * m).sum() / m.sum()
+    return loss
+
+
 def random_crops(clips: ClipSet, g: torch.Generator, batch: int, frames: int, crop: int, *,
                  boxes: list[tuple[int, int, int, int]] | None = None, mouth_p: float = 0.0,
                  ref_p: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,10 +321,7 @@ def train_vae(clips: ClipSet, out: Path, cfg: VAEConfig, *, steps: int, batch: i
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar.clamp(-30, 20)) if sample_posterior else mu
         # decode() expects a normalised latent; during training the stats are (0, 1), so z is used as is.
         rec = vae.decode(z, clamp=False, chunked=False)
-        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        if mouth_weight > 0 and mask.sum() > 0:
-            m = mask.expand_as(x)
-            rec_loss = rec_loss + mouth_weight * ((rec - x).abs() * m).sum() / m.sum()
+        rec_loss = recon_loss(rec, x, mask, mouth_weight)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         loss = rec_loss + kl_weight * kl
         opt.zero_grad(set_to_none=True)
