@@ -399,3 +399,31 @@ def test_decoder_tuned_on_the_models_own_latents(tmp_path):
     assert load_tensors(tmp_path / "cli" / "decoder_ckpt.pt")["step"] == 1
     assert (tmp_path / "cli" / "vae" / "vae.safetensors").is_file()
     assert train_cli.main(argv) == 0 and load_tensors(tmp_path / "cli" / "decoder_ckpt.pt")["step"] == 2
+
+    # --mouth_anchor: inside the mouth box the target is the anchor's decode of the same latent, elsewhere the truth.
+    from wanmoe.loading import load_small_vae
+    from wanmoe.train.vae_train import mouth_boxes
+
+    anchor = load_small_vae(vae_file, torch.device("cpu"))
+    boxes = mouth_boxes(clips)
+    zc, xc, mc = dt.pair_crops(pairs, clips, torch.Generator().manual_seed(1), 2, 32, 8, 4, boxes, 1.0)
+    assert 0 < mc.mean() < 1
+    target = dt.anchored_target(xc, mc, zc, anchor)
+    with torch.no_grad():
+        dec = anchor.decode(zc, clamp=False, chunked=False)
+    m = mc.expand_as(xc).bool()
+    assert torch.equal(target[~m], xc[~m]) and torch.equal(target[m], dec[m]) and not torch.equal(dec[m], xc[m])
+    # Tuned with the shipped decoder as the anchor, the mouth stays nearer the shipped decoder's mouth than when it
+    # learns the truth there too.
+    y0, y1, x0, x1 = boxes[1]
+
+    def mouth_gap(vae_path):  # noqa: ANN001, ANN202 (L1 to the anchor's decode inside the box, whole pair)
+        with torch.no_grad():
+            rec = load_small_vae(vae_path, torch.device("cpu")).decode(z, clamp=False, chunked=False)
+            ref = anchor.decode(z, clamp=False, chunked=False)
+        return (rec - ref)[..., y0:y1, x0:x1].abs().mean().item()
+
+    kw = dict(steps=12, batch=2, crop=32, lr=3e-4, warmup=0, mouth_p=1.0, mouth_weight=2.0, progress=False)
+    free = dt.tune_decoder(vae_file, clips, pairs, tmp_path / "free", **kw)
+    held = dt.tune_decoder(vae_file, clips, pairs, tmp_path / "held", mouth_anchor=vae_file, **kw)
+    assert mouth_gap(held) < 0.5 * mouth_gap(free)

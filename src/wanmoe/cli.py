@@ -22,7 +22,7 @@ from pathlib import Path
 
 from wanmoe.api import Pipeline, distilled_option, resolve
 from wanmoe.configs import ASSETS, DEFAULT_TASK, PRESETS, get_preset
-from wanmoe.distributed.env import ParallelState, broadcast_seed, destroy_parallel, init_parallel
+from wanmoe.distributed.env import ParallelState, barrier, broadcast_seed, destroy_parallel, init_parallel
 from wanmoe.experts import format_table, schedule_table
 from wanmoe.inputs import read_inputs
 from wanmoe.loading import load_components
@@ -291,7 +291,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if state.device.type == "cuda":
             opts = dataclasses.replace(opts, device=str(state.device))  # one GPU per rank
         req = dataclasses.replace(req, seed=broadcast_seed(req.seed, state))  # every rank draws rank 0's noise
-        return _generate(args, cfg, req, opts, inputs, save, state)
+        code = _generate(args, cfg, req, opts, inputs, save, state)
+        # Tear the group down together: a gloo rank that destroys it while rank 0 is still muxing the video can
+        # abort at exit ("terminate called without an active exception"), and torchrun then kills rank 0.
+        barrier(state)
+        return code
     finally:
         destroy_parallel(state)
 

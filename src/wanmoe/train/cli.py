@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="decoder: crop size in pixels (a multiple of the VAE's spatial stride)")
     p.add_argument("--stop_step", type=int, default=None,
                    help="decoder: stop (and write the weights) at this step of the --steps cosine")
+    p.add_argument("--mouth_anchor", type=Path, default=None,
+                   help="decoder: inside the mouth box, learn this VAE's decode of the latent instead of the ground "
+                        "truth (keeps its mouth rendering and lip sync; e.g. the decoder being replaced)")
     p.add_argument("--pairs", default=None,
                    help="decoder: comma list of pair files (`pairs` stage) to tune --vae_init's decoder on")
     p.add_argument("--init", type=Path, default=None,
@@ -302,7 +305,7 @@ def decoder_stages(cfg: PipelineConfig, a: argparse.Namespace, progress: bool) -
     dt.tune_decoder(a.vae_init, clips, pairs, a.out, steps=steps, batch=a.batch, lr=a.lr or 1e-4,
                     warmup=a.warmup or (0 if a.smoke else 100), crop=32 if a.smoke else a.crop,
                     max_seconds=None if a.max_minutes is None else a.max_minutes * 60, stop_step=a.stop_step,
-                    progress=progress)
+                    mouth_anchor=a.mouth_anchor, progress=progress)
 
 
 def export(cfg: PipelineConfig, run: Path, dest: Path) -> None:

@@ -12,9 +12,12 @@ frames.
    baseline) train one decoder, so both set-ups keep the same VAE.
 2. `tune_decoder`: crops of 69 frames (all of a clip's frames, as the decode sees them) x ``crop`` pixels; the
    latent crop is the matching window of latent cells (stride 8); L1 + MSE against [reference | frames], plus
-   ``mouth_weight`` x L1 inside the mouth box; crops centred near the mouth with probability ``mouth_p``. Only the
-   decoder side trains (`decoder.*`, `conv2.*`); the encoder, its latent statistics and every DiT stay as they
-   were. Resumable from out/decoder_ckpt.pt; writes out/vae/vae.safetensors at the end.
+   ``mouth_weight`` x L1 inside the mouth box; crops centred near the mouth with probability ``mouth_p``. With
+   ``mouth_anchor`` (a VAE file, e.g. the decoder being replaced) the target inside the mouth box is that VAE's
+   decode of the same latent instead of the ground truth: the mouth keeps the anchor's rendering (and its sync with
+   the audio) while the rest of the picture learns the truth. Only the decoder side trains (`decoder.*`,
+   `conv2.*`); the encoder, its latent statistics and every DiT stay as they were. Resumable from
+   out/decoder_ckpt.pt; writes out/vae/vae.safetensors at the end.
 
 Axis legend: N pairs, C latent channels, F latent frames (1 + generated), H/W latent height/width, T pixel frames.
 """
@@ -136,10 +139,21 @@ def pair_crops(pairs: PairSet, clips: ClipSet, g: torch.Generator, batch: int, c
     return torch.stack(zs), torch.stack(xs), torch.stack(ms)
 
 
+def anchored_target(x: Tensor, mask: Tensor, z: Tensor, anchor: torch.nn.Module | None) -> Tensor:
+    """The frames a latent crop ``z`` should decode to: the ground truth ``x`` (B, 3, T, c, c), with the mouth box
+    (``mask`` (B, 1, 1, c, c), 1 inside) replaced by ``anchor``'s decode of ``z`` when an anchor VAE is given."""
+    if anchor is None:
+        return x
+    with torch.no_grad():
+        a = anchor.decode(z, clamp=False, chunked=False)
+    m = mask.expand_as(x)
+    return x * (1 - m) + a * m
+
+
 def tune_decoder(vae_file: Path, clips: ClipSet, pairs: PairSet, out: Path, *, steps: int, batch: int = 2,
                  crop: int = 48, lr: float = 1e-4, warmup: int = 100, mouth_p: float = 0.5, mouth_weight: float = 2.0,
-                 seed: int = 0, ckpt_every: int = 100, max_seconds: float | None = None, stop_step: int | None = None,
-                 progress: bool = True) -> Path:
+                 mouth_anchor: Path | None = None, seed: int = 0, ckpt_every: int = 100,
+                 max_seconds: float | None = None, stop_step: int | None = None, progress: bool = True) -> Path:
     """Train the decoder side of ``vae_file``'s VAE on ``pairs`` (module docstring) and write
     out/vae/vae.safetensors. The learning rate follows one cosine over ``steps``; ``stop_step`` (a step of that
     cosine) or ``max_seconds`` stop the run early: the checkpoint and the file then hold the weights so far, and
@@ -169,8 +183,13 @@ def tune_decoder(vae_file: Path, clips: ClipSet, pairs: PairSet, out: Path, *, s
         step = int(ck["step"])
         log.info("resumed decoder tuning at step %d", step)
     vae.train()
+    anchor = None
+    if mouth_anchor is not None:
+        anchor = load_small_vae(mouth_anchor, torch.device("cpu")).eval().requires_grad_(False)
+        if anchor.cfg.z_dim != vae.cfg.z_dim or anchor.cfg.stride != vae.cfg.stride:
+            raise ValueError(f"the mouth anchor {mouth_anchor} has another latent layout than {vae_file}")
     g = torch.Generator().manual_seed(seed * 1000 + step)
-    boxes = mouth_boxes(clips) if (mouth_p > 0 or mouth_weight > 0) else None
+    boxes = mouth_boxes(clips) if (mouth_p > 0 or mouth_weight > 0 or anchor is not None) else None
     stride = vae.cfg.stride[1]
     logf = (out / "decoder_loss.jsonl").open("a")
     bar = tqdm(total=steps, initial=step, desc="tune decoder", disable=not progress)
@@ -183,7 +202,7 @@ def tune_decoder(vae_file: Path, clips: ClipSet, pairs: PairSet, out: Path, *, s
     while step < end:
         z, x, mask = pair_crops(pairs, clips, g, batch, crop, stride, vae.cfg.stride[0], boxes, mouth_p)
         rec = vae.decode(z, clamp=False, chunked=False)  # (B, 3, T, crop, crop)
-        loss = recon_loss(rec, x, mask, mouth_weight)
+        loss = recon_loss(rec, anchored_target(x, mask, z, anchor), mask, mouth_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
