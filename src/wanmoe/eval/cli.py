@@ -147,6 +147,18 @@ def run_setup(task: str, model_dir: Path, settings: dict, options: dict, cases: 
             frames_ = video.frames
         rows.append({"case": c["name"], **score(frames_, c["sample"])})
         videos.append(frames_)
+    out = summarize(rows, videos, cases)
+    out["s_per_frame"] = seconds / max(n_frames, 1)
+    for name, k in calls.items():
+        out[f"calls_{name}"] = k / len(cases)  # per sample
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["cases"] = rows
+    return out
+
+
+def summarize(rows: list[dict], videos: list[torch.Tensor], cases: list[dict]) -> dict:
+    """The table row of one set-up from its per-case scores (``rows``, filled in with ``sync_other``): the held-out
+    means, and over the real-speech cases the mean sync, the weakest and the best-lag mean."""
     # Control: the same generated mouth against ANOTHER case's loudness envelope. A mouth that follows its own
     # audio scores high on "sync" and about 0 here; a generic open/close pattern scores alike on both.
     for k, r in enumerate(rows):
@@ -158,11 +170,6 @@ def run_setup(task: str, model_dir: Path, settings: dict, options: dict, cases: 
         out["sync_speech"] = float(np.mean([r["sync"] for r in speech]))
         out["sync_speech_min"] = float(min(r["sync"] for r in speech))
         out["sync_speech_best"] = float(np.mean([r["sync_best"] for r in speech]))
-    out["s_per_frame"] = seconds / max(n_frames, 1)
-    for name, k in calls.items():
-        out[f"calls_{name}"] = k / len(cases)  # per sample
-    out["peak_rss_mb"] = peak_rss_mb()
-    out["cases"] = rows
     return out
 
 
