@@ -5,10 +5,10 @@
 
 A one-clip sample's generated latent does not depend on the decoder (the experts never see decoded frames), so the
 latents of `wanmoe eval --n N --speech K --setups ...` (same cases, seed 0, each set-up's own defaults) are made
-once and kept in `--latents`; each VAE file in `--vae` (the model's own first, always) then decodes them as the
-pipeline does ([reference latent | generated latents], the first clip's dropped frames removed), and the frames are
-scored with the evaluation's own functions. While generating, the model's own decode of each latent is checked
-against the pipeline's video (1e-4): this is the evaluation's table, not an approximation of it. The encoder and
+once and kept in `--latents`; each VAE file in `--vae` (the model's own first, unless `--skip_own`) then decodes
+them as the pipeline does ([reference latent | generated latents], the first clip's dropped frames removed), and the
+frames are scored with the evaluation's own functions. While generating, the model's own decode of each latent is
+checked against the pipeline's video (1e-4): this is the evaluation's table, not an approximation of it. The encoder and
 latent statistics of every VAE file must be the model's (a decoder tuned with `wanmoe train decoder` keeps them).
 """
 
@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--latents", type=Path, default=Path("runs/decoder_eval_latents.pt"),
                    help="cache of the generated latents (made when missing or made for other cases)")
     p.add_argument("--json", type=Path, default=None, help="write every score here")
+    p.add_argument("--skip_own", action="store_true", help="score only --vae, not the model's own VAE again")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     setups = [s for s in a.setups.split(",") if s]
@@ -92,7 +93,8 @@ def main() -> None:
             a.latents.parent.mkdir(parents=True, exist_ok=True)
             torch.save(cached, a.latents)
         drop = cfg.dropped_frames(start_from_ref=False)
-        files = [a.model / "vae.safetensors", *(Path(f) for f in a.vae.split(",") if f)]
+        files = [] if a.skip_own else [a.model / "vae.safetensors"]
+        files += [Path(f) for f in a.vae.split(",") if f]
         results = {}
         print("| vae | setup | " + " | ".join(COLUMNS) + " |")
         print("|---|---|" + "---:|" * len(COLUMNS))

@@ -162,3 +162,17 @@ if [ "${TUNE:-0}" = 1 ]; then
     for f in vae.safetensors single_expert/vae.safetensors; do install -m 644 "$T/tune/vae/vae.safetensors" "$A/$f"; done
   fi
 fi
+
+# The mouth anchored (MOUTH=1; ninth session): the tuned decoder above continues on the espeak-ng pairs with the
+# shipped decoder as the target inside the mouth box (`--mouth_anchor`): the picture keeps what the tuning gained,
+# the mouth keeps the shipped decoder's rendering and its lip sync. Scored with benchmarks/decoder_eval.py (the
+# evaluation's table from latents generated once).
+if [ "${MOUTH:-0}" = 1 ]; then
+  T=${T:-runs/dt}
+  INIT=${INIT:-$T/tune/vae/vae.safetensors}  # the eighth session's weights are train_state/decoder_tuned_r8.safetensors
+  # The anchor is round 8's VAE (train_state/vae_v2.safetensors, the file the package shipped before this step).
+  OMP_NUM_THREADS=2 nice -n 19 python -m wanmoe.train.cli decoder --out "$T/tune9" --vae_init "$INIT" \
+    --mouth_anchor train_state/vae_v2.safetensors --pairs "$T/two_speech.pt,$T/one_speech.pt" \
+    --steps "${STEPS:-600}" --warmup 50 --crop 48 --lr 1e-4 --threads 2 --quiet
+  python benchmarks/decoder_eval.py --latents "$T/dec_eval.pt" --vae "$T/tune9/vae/vae.safetensors"
+fi
