@@ -299,15 +299,22 @@ class JobQueue:
     # ------------------------------------------------------------------------------------------- the worker
 
     def _end(self, job: Job, state: str, message: str = "") -> None:
-        job.state, job.message, job.finished, job.eta_s = state, message, time.time(), None
+        finished = time.time()
+        # The record is on disk (whole: written aside, then renamed) before the job shows as ended, so whatever sees
+        # the new state (the page, a restarted app reading the history) also finds the record.
+        dest = job.folder / "job.json"
+        try:
+            tmp = dest.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({**self._record(job), "state": state, "message": message, "finished": finished},
+                                      indent=1))
+            tmp.replace(dest)
+        except OSError as e:
+            log.warning("cannot write %s: %s", dest, e)
+        job.state, job.message, job.finished, job.eta_s = state, message, finished, None
         job.inputs = None
         job.version += 1
         self.changed += 1
         self.finished += 1
-        try:
-            (job.folder / "job.json").write_text(json.dumps(self._record(job), indent=1))
-        except OSError as e:
-            log.warning("cannot write %s: %s", job.folder / "job.json", e)
 
     def _work(self) -> None:
         if self.warming:
