@@ -26,6 +26,7 @@ from wanmoe.configs import ASSETS, PRESETS
 from wanmoe.eval.cli import SETUPS, held_out_cases, score, summarize
 from wanmoe.inputs import load_image
 from wanmoe.loading import load_small_vae
+from wanmoe.train.decoder_tune import decoded_latent
 
 COLUMNS = ("psnr", "ssim", "sync", "identity", "sync_speech", "sync_speech_min")
 
@@ -44,9 +45,8 @@ def generate_latents(root: Path, setups: list[str], cases: list[dict], seed: int
             seen: list = []  # wanmoe.pipeline.Preview records
             video = pipe(c["sample"].prompt, image=c["image"], audio=c["audio"], seed=seed, preview=seen.append,
                          **settings)
+            z = decoded_latent(vae, load_image(c["image"]), seen)
             with torch.no_grad():
-                ref = vae.encode(load_image(c["image"])[None, :, None].float())
-                z = torch.cat([ref, [p.latent for p in seen if p.latent is not None][-1].float()], dim=2)
                 frames = vae.decode(z)[0, :, 1 + drop :]
             torch.testing.assert_close(frames, video.frames, atol=1e-4, rtol=0)  # the pipeline's own decode
             lats.append(z)

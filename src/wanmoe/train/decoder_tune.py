@@ -80,6 +80,15 @@ def load_pair_files(files: list[Path]) -> tuple[PairSet, ClipSet]:
     return pairs, cat_clips(clip_sets)
 
 
+def decoded_latent(vae: torch.nn.Module, ref: Tensor, seen: list) -> Tensor:
+    """The (1, C, 1 + F, H, W) latent a one-clip S2V run decodes: the reference image ``ref`` (3, H, W) in [-1, 1]
+    encoded as the pipeline encodes it, then the last step's x0 prediction among the run's `preview` records."""
+    with torch.no_grad():
+        ref_lat = vae.encode(ref[None, :, None].float())  # (1, C, 1, H, W)
+    last = [p.latent for p in seen if p.latent is not None][-1]
+    return torch.cat([ref_lat, last.float()], dim=2)
+
+
 def build_pairs(model: str | Path, clips: ClipSet, indices: list[int], *, progress: bool = True,
                 **settings: object) -> PairSet:
     """The latent `wanmoe.load(model)` decodes for each clip in ``indices`` (its reference, the audio of its first
@@ -100,10 +109,7 @@ def build_pairs(model: str | Path, clips: ClipSet, indices: list[int], *, progre
         ref = clips.ref_float(i)  # (3, Hp, Wp) in [-1, 1]
         pipe(clips.prompts[i], image=ref, audio=clips.audio[i, :n_audio].numpy(), sr=clips.sr, seed=int(i),
              num_clip=1, preview=seen.append, **settings)
-        with torch.no_grad():
-            ref_lat = vae.encode(ref[None, :, None].float())  # (1, C, 1, H, W), as the pipeline encodes it
-        last = [p.latent for p in seen if p.latent is not None][-1]  # the final step's x0: what is decoded
-        lats.append(torch.cat([ref_lat, last.float()], dim=2)[0])
+        lats.append(decoded_latent(vae, ref, seen)[0])
     return PairSet(torch.stack(lats), torch.tensor(indices, dtype=torch.int64), model=str(model))
 
 
