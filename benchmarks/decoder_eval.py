@@ -23,7 +23,7 @@ import torch
 
 from wanmoe.api import load
 from wanmoe.configs import ASSETS, PRESETS
-from wanmoe.eval.cli import SETUPS, held_out_cases, score, summarize
+from wanmoe.eval.cli import DROPPED, SETUPS, held_out_cases, score, summarize
 from wanmoe.inputs import load_image
 from wanmoe.loading import load_small_vae
 from wanmoe.train.decoder_tune import decoded_latent
@@ -39,7 +39,7 @@ def generate_latents(root: Path, setups: list[str], cases: list[dict], seed: int
         if sub is None:
             raise SystemExit("the 'still' control has no latents")
         pipe = load(root / sub, task=None, **options)
-        vae, drop = pipe.components.vae, pipe.cfg.dropped_frames(start_from_ref=False)
+        vae = pipe.components.vae
         lats = []
         for c in cases:
             seen: list = []  # wanmoe.pipeline.Preview records
@@ -47,7 +47,7 @@ def generate_latents(root: Path, setups: list[str], cases: list[dict], seed: int
                          **settings)
             z = decoded_latent(vae, load_image(c["image"]), seen)
             with torch.no_grad():
-                frames = vae.decode(z)[0, :, 1 + drop :]
+                frames = vae.decode(z)[0, :, 1 + DROPPED :]
             torch.testing.assert_close(frames, video.frames, atol=1e-4, rtol=0)  # the pipeline's own decode
             lats.append(z)
             print(f"  {name} {c['name']}", flush=True)
@@ -55,12 +55,12 @@ def generate_latents(root: Path, setups: list[str], cases: list[dict], seed: int
     return out
 
 
-def score_decoder(vae_file: Path, lats: list[torch.Tensor], cases: list[dict], drop: int) -> dict:
+def score_decoder(vae_file: Path, lats: list[torch.Tensor], cases: list[dict]) -> dict:
     vae = load_small_vae(vae_file, torch.device("cpu")).eval()
     rows, videos = [], []
     for z, c in zip(lats, cases):
         with torch.no_grad():
-            frames = vae.decode(z)[0, :, 1 + drop :]
+            frames = vae.decode(z)[0, :, 1 + DROPPED :]
         rows.append({"case": c["name"], **score(frames, c["sample"])})
         videos.append(frames)
     return {**summarize(rows, videos, cases), "cases": rows}
@@ -92,7 +92,6 @@ def main() -> None:
             cached = {"key": json.dumps(key), "lats": generate_latents(a.model, setups, cases, a.seed)}
             a.latents.parent.mkdir(parents=True, exist_ok=True)
             torch.save(cached, a.latents)
-        drop = cfg.dropped_frames(start_from_ref=False)
         files = [] if a.skip_own else [a.model / "vae.safetensors"]
         files += [Path(f) for f in a.vae.split(",") if f]
         results = {}
@@ -100,7 +99,7 @@ def main() -> None:
         print("|---|---|" + "---:|" * len(COLUMNS))
         for f in files:
             for name in setups:
-                r = results[f"{f}/{name}"] = score_decoder(f, cached["lats"][name], cases, drop)
+                r = results[f"{f}/{name}"] = score_decoder(f, cached["lats"][name], cases)
                 print(f"| {f} | {name} | " + " | ".join(f"{r[k]:.4g}" for k in COLUMNS if k in r) + " |", flush=True)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
