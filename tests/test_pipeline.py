@@ -195,6 +195,32 @@ def test_batched_guidance_equals_the_separate_passes(task, tiny_ckpt, media_dir)
     torch.testing.assert_close(batched.frames, plain.frames, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("task", ["t2v-tiny", "i2v-tiny", "s2v-tiny"])
+def test_first_clip_latent_is_what_the_video_decodes(task, tiny_ckpt, media_dir):
+    """`first_clip_latent` samples the first clip without decoding it (training pairs need only the latent):
+    decoding it gives the frames of the same request's video."""
+    import wanmoe
+    from wanmoe.inputs import read_inputs
+    from wanmoe.pipeline import first_clip_latent
+
+    pipe = wanmoe.load(tiny_ckpt(task))
+    kw: dict = {"seed": 3, "steps": 2, "prompt": "a cat"}
+    media = {}
+    if task == "i2v-tiny":
+        kw.update(frame_num=5)
+        media = {"image": media_dir / "ref.png"}
+    if task == "s2v-tiny":
+        kw.update(infer_frames=8, num_clip=1)
+        media = {"image": media_dir / "ref.png", "audio": media_dir / "speech.wav"}
+    video = pipe(**media, **kw)
+    lat = first_clip_latent(pipe.components, pipe.request(**kw), read_inputs(pipe.cfg, **media))
+    with torch.no_grad():
+        frames = pipe.components.vae.decode(lat)[0]
+    skip = frames.shape[1] - video.frames.shape[1]  # S2V: the reference frame and the first clip's dropped frames
+    assert video.frames.std() > 0.05 and skip == (1 + pipe.cfg.dropped_frames(False) if task == "s2v-tiny" else 0)
+    torch.testing.assert_close(frames[:, skip:], video.frames, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("policy", ["offload", "resident"])
 def test_experts_leave_the_device_before_the_last_decode(policy, tiny_ckpt, media_dir):
     """Official order under --offload_model: the experts go to the host before the final VAE decode (an S2V clip

@@ -254,12 +254,16 @@ class T2VClips:
         shape = (1, self.c.cfg.vae.z_dim, self.c.cfg.latent_frames(self.req.frame_num), *self.lat_hw)
         return Conditioning({"context": self.ctx, **self.extra}, {"context": self.ctx_null, **self.extra}, shape)
 
+    def decode_input(self, r: int, lat: Tensor) -> Tensor:
+        """The latent the VAE decodes for clip r, given its sampled latent."""
+        return lat.float()
+
     def decode(self, r: int, lat: Tensor, emit: Callable[[Tensor], None] | None = None) -> Tensor:
         if not self.c.parallel.is_main:  # only rank 0 writes the video: the other ranks skip the decode (T = 0)
             st = self.c.cfg.vae_stride
             return lat.new_zeros(3, 0, self.lat_hw[0] * st[1], self.lat_hw[1] * st[2]).cpu()
         with _streamed(self.c.vae, 0, emit):
-            return self.c.vae.decode(lat.float())[0].cpu()  # (3, T, Hp, Wp)
+            return self.c.vae.decode(self.decode_input(r, lat))[0].cpu()  # (3, T, Hp, Wp)
 
 
 class I2VClips(T2VClips):
@@ -340,10 +344,14 @@ class S2VClips:
         """Clip r runs without motion tokens and decodes after the reference latent."""
         return (bool(self.drop) and r == 0) or self.fresh
 
+    def decode_input(self, r: int, lat: Tensor) -> Tensor:
+        """The latent the VAE decodes for clip r: the reference latent (or the motion latents) before its own."""
+        prefix = self.ref_lat if self._from_ref(r) else self.motion_lat
+        return torch.cat([prefix, lat.float()], dim=2)  # (1, z, 1 or Fm, + F, H, W)
+
     def decode(self, r: int, lat: Tensor, emit: Callable[[Tensor], None] | None = None) -> Tensor:
         first = bool(self.drop) and r == 0  # clip 0 also loses its first `drop` frames
-        prefix = self.ref_lat if self._from_ref(r) else self.motion_lat
-        z = torch.cat([prefix, lat.float()], dim=2)  # (1, z, 1 or Fm, + F, H, W)
+        z = self.decode_input(r, lat)
         # Decoded frames before the first one kept: all but the last infer_frames, and clip 0's dropped frames.
         skip = 1 + self.c.cfg.vae_stride[0] * (z.shape[2] - 1) - self.req.infer_frames + (self.drop if first else 0)
         with _streamed(self.c.vae, skip, emit):
@@ -411,6 +419,21 @@ def _experts_off(c: Components) -> None:
         pool.offload_all()
 
 
+def _contexts(c: Components, req: Request) -> tuple[Tensor, Tensor]:
+    """The prompt's and the negative prompt's text embeddings, (1, S, text_dim) each."""
+    return (c.text_encoder([req.prompt]).to(c.device, c.dtype),
+            c.text_encoder([req.negative_prompt]).to(c.device, c.dtype))
+
+
+def first_clip_latent(c: Components, req: Request, inputs: Inputs) -> Tensor:
+    """The latent `generate` decodes for the first clip (S2V: the reference latent, then the sampled latent), made
+    the same way but never decoded: training on the model's own output needs the latent, not the video."""
+    with torch.no_grad():
+        clips = CLIPS[c.cfg.modality](c, req, inputs, *_contexts(c, req))
+        lat, _ = sample_clip(c, req, clips.conditioning(0), req.seed)
+        return clips.decode_input(0, lat)
+
+
 def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressFn | None = None,
              preview: PreviewFn | None = None, on_clip: Callable[[Tensor], None] | None = None,
              keep_frames: bool = True, recorder: Recorder | None = None) -> Result:
@@ -428,8 +451,7 @@ def generate(c: Components, req: Request, inputs: Inputs, *, progress: ProgressF
     timings: dict[str, float] = {}
     say(Progress("text", 0, 1))
     with torch.no_grad():
-        ctx = c.text_encoder([req.prompt]).to(c.device, c.dtype)  # (1, S, text_dim)
-        ctx_null = c.text_encoder([req.negative_prompt]).to(c.device, c.dtype)
+        ctx, ctx_null = _contexts(c, req)
         timings["text_s"] = time.perf_counter() - t0
         say(Progress("text", 1, 1))
         t1 = time.perf_counter()

@@ -94,9 +94,10 @@ def build_pairs(model: str | Path, clips: ClipSet, indices: list[int], *, progre
     """The latent `wanmoe.load(model)` decodes for each clip in ``indices`` (its reference, the audio of its first
     `infer_frames` frames and its prompt; seed = index); ``settings`` are request keywords (steps, ...)."""
     from wanmoe.api import load
+    from wanmoe.inputs import read_inputs
+    from wanmoe.pipeline import first_clip_latent
 
     pipe = load(model, task=None)
-    vae = pipe.components.vae
     nf = int(settings.get("infer_frames", pipe.cfg.infer_frames))
     w, h = (int(v) for v in pipe.request(**settings).size)
     if (h, w) != tuple(clips.ref.shape[-2:]):
@@ -105,11 +106,9 @@ def build_pairs(model: str | Path, clips: ClipSet, indices: list[int], *, progre
     n_audio = int(round(clips.sr * nf / clips.fps))
     lats = []
     for i in tqdm(indices, desc=f"pairs {Path(str(model)).name}", disable=not progress):
-        seen: list = []  # wanmoe.pipeline.Preview records of this clip
-        ref = clips.ref_float(i)  # (3, Hp, Wp) in [-1, 1]
-        pipe(clips.prompts[i], image=ref, audio=clips.audio[i, :n_audio].numpy(), sr=clips.sr, seed=int(i),
-             num_clip=1, preview=seen.append, **settings)
-        lats.append(decoded_latent(vae, ref, seen)[0])
+        req = pipe.request(prompt=clips.prompts[i], seed=int(i), num_clip=1, **settings)
+        inputs = read_inputs(pipe.cfg, image=clips.ref_float(i), audio=clips.audio[i, :n_audio].numpy(), sr=clips.sr)
+        lats.append(first_clip_latent(pipe.components, req, inputs)[0].cpu())  # sampled, not decoded
     return PairSet(torch.stack(lats), torch.tensor(indices, dtype=torch.int64), model=str(model))
 
 
